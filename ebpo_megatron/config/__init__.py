@@ -1,0 +1,1 @@
+"""Typed configuration loaded from YAML (``typed``: the mechanism; ``schema``: the sections)."""

@@ -1,0 +1,1 @@
+"""The RL trainer: batching, the Megatron train step, checkpoints, logging, the loop."""
