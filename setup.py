@@ -25,8 +25,16 @@ CORE_REQUIREMENTS = [
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=1.13"],
     "vllm": ["vllm>=0.8"],
-    "math": ["math-verify>=0.7"],
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    # the verifiable math reward and the math datasets (parquet, HF tokenizers from a local dir)
+    "math": [
+        "math-verify>=0.9",
+        "pyarrow>=15",
+        "transformers>=4.51",
+        "tokenizers>=0.21",
+        "tiktoken>=0.7",
+    ],
+    # tests compare against Hugging Face `transformers` models built from configs (no download)
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "transformers>=4.51", "safetensors>=0.4"],
 }
 
 setup(
