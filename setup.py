@@ -24,7 +24,7 @@ CORE_REQUIREMENTS = [
 
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=1.13"],
-    "vllm": ["vllm>=0.8"],
+    "vllm": ["vllm>=0.10.2"],  # sleep mode, collective_rpc weight loading, processed logprobs
     # the verifiable math reward and the math datasets (parquet, HF tokenizers from a local dir)
     "math": [
         "math-verify>=0.9",

@@ -1,0 +1,24 @@
+"""Process groups, layout validation, vocabulary-parallel log-probs/entropy, CPU compatibility."""
+
+from .distributed import (
+    LaunchInfo,
+    ParallelConfig,
+    initialize,
+    launch_info,
+    padded_vocab_size,
+    shutdown,
+    validate_layout,
+)
+from .vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+
+__all__ = [
+    "LaunchInfo",
+    "ParallelConfig",
+    "initialize",
+    "launch_info",
+    "padded_vocab_size",
+    "shutdown",
+    "validate_layout",
+    "vocab_parallel_entropy",
+    "vocab_parallel_logprobs",
+]

@@ -1,0 +1,139 @@
+"""Process groups: from torchrun or Slurm environment variables to Megatron's parallel state.
+
+World = DP × PP × TP ranks (TP fastest, as Megatron orders them). The layout is validated
+*before* any process group is created, each failure naming the number and the rule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None
+    sequence_parallel: bool = False
+    vocab_multiple: int = 128  # the vocabulary is padded to a multiple of lcm(vocab_multiple, TP)
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise ValueError("tensor_parallel and pipeline_parallel must be >= 1")
+        if self.virtual_pipeline is not None and self.virtual_pipeline < 2:
+            raise ValueError(f"virtual_pipeline: expected None or >= 2, got {self.virtual_pipeline}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("sequence_parallel needs tensor_parallel > 1")
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
+    """The vocabulary rounded up to a multiple of lcm(``multiple``, TP), so every TP rank holds
+    an equal slice of the embedding and output layer. Unlike Megatron-LM's multiple × TP, the
+    padded size does not change with TP when TP divides ``multiple`` (1, 2, 4, ..., 128), so
+    sharded checkpoints move between those TP sizes."""
+    step = math.lcm(multiple, tensor_parallel)
+    return -(-vocab_size // step) * step
+
+
+def validate_layout(world_size: int, parallel: ParallelConfig, model: "object") -> int:
+    """Check the TP × PP × DP layout against the world and the model; returns DP.
+
+    ``model`` needs ``num_attention_heads``, ``num_kv_heads``, ``num_layers``.
+    """
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel × pipeline_parallel = {tp}×{pp} = {tp * pp}"
+        )
+    if model.num_attention_heads % tp:
+        raise ValueError(f"num_attention_heads {model.num_attention_heads} is not divisible by tensor_parallel {tp}")
+    if model.num_kv_heads % tp:
+        raise ValueError(f"num_kv_heads {model.num_kv_heads} is not divisible by tensor_parallel {tp}")
+    stages = pp * (parallel.virtual_pipeline or 1)
+    if model.num_layers % stages:
+        raise ValueError(
+            f"num_layers {model.num_layers} is not divisible by pipeline_parallel × virtual_pipeline = {stages}"
+        )
+    return world_size // (tp * pp)
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a Slurm node list: 'gpu[003-005,010],cpu1' -> 'gpu003'."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not head:
+        raise ValueError(f"SLURM_JOB_NODELIST: cannot parse {nodelist!r}")
+    prefix, _, ranges = head.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_info(env: dict[str, str] | None = None) -> LaunchInfo:
+    """Rank and rendezvous from torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), else
+    from Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, master = first host of
+    SLURM_JOB_NODELIST, port MASTER_PORT or 29500), else a single process on localhost."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        master = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                          int(env.get("SLURM_LOCALID", 0)), master, int(env.get("MASTER_PORT", 29500)))
+    return LaunchInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port())
+
+
+def initialize(parallel: ParallelConfig, model: "object", info: LaunchInfo | None = None) -> int:
+    """Validate, create the default process group (nccl on GPU, gloo on CPU) and Megatron's
+    model-parallel groups; returns the data-parallel size."""
+    from megatron.core import parallel_state
+
+    info = info or launch_info()
+    dp = validate_layout(info.world_size, parallel, model)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(
+            backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
+            rank=info.rank, world_size=info.world_size,
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+    )
+    return dp
+
+
+def shutdown() -> None:
+    """Destroy Megatron's groups and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

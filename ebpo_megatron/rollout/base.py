@@ -1,0 +1,83 @@
+"""One interface for every rollout engine (native Megatron sampler, vLLM).
+
+A rollout step samples G = ``n`` responses for each of P prompts; response r belongs to prompt
+``group_ids[r]`` — the group ids the advantage estimator reduces over.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings. ``top_k = 0`` and ``top_p = 1`` disable those filters."""
+
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 32
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n: expected >= 1 responses per prompt, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class RolloutBatch:
+    """Responses of one rollout call, one entry per response (P·n of them).
+
+    ``logprobs[r][t]`` is the rollout engine's log π(response[r][t] | prefix) under the
+    sampling temperature (the train–inference mismatch is measured against it).
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[FinishReason]
+    group_ids: torch.Tensor  # int64 [P·n]: index of each response's prompt in the call
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.response_ids)
+        for name in ("prompt_ids", "logprobs", "finish_reasons"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"RolloutBatch.{name}: expected {n} entries, got {len(getattr(self, name))}")
+        if tuple(self.group_ids.shape) != (n,):
+            raise ValueError(f"RolloutBatch.group_ids: expected shape ({n},), got {tuple(self.group_ids.shape)}")
+
+
+class RolloutEngine(abc.ABC):
+    """Generates responses; receives weights from the trainer; frees memory between phases."""
+
+    @abc.abstractmethod
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        """Sample ``params.n`` responses for every prompt."""
+
+    @abc.abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights given as (Hugging Face name, full tensor) pairs."""
+
+    def sleep(self) -> None:
+        """Release weights / KV cache for the training phase (no-op where nothing is held)."""
+
+    def wake(self) -> None:
+        """Restore what ``sleep`` released, before the next ``generate``."""

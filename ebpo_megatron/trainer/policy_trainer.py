@@ -1,0 +1,385 @@
+"""The PPO/EBPO train step on Megatron-Core model chunks (TP, PP, DP; CPU or GPU).
+
+One call of :meth:`PolicyTrainer.train_step` on a :class:`PolicyBatch` (this DP rank's rows):
+    1. old-policy log-probs log π_old (no grad; skipped when the batch carries them) and
+       reference log-probs log π_ref (frozen reference chunks, when ``kl_coef > 0``);
+    2. ``ppo_epochs`` × ``mini_batches`` optimizer steps; each mini-batch is cut into
+       micro-batches (fixed size, or a token budget) and run through Megatron's
+       ``get_forward_backward_func`` (pipeline schedule when PP > 1);
+    3. per-step KL(π_t ‖ π_{t+1}) on the step's tokens and throughput metrics.
+
+Loss scaling. Each micro-batch's loss is normalized by the counts of the *whole* mini-batch on
+all DP ranks (N_tok for token-mean, B for the sequence modes; see ``algorithms.aggregate``),
+so Σ over micro-batches and ranks = the full-batch loss. Megatron divides a micro-batch loss by
+the number of micro-batches n_mb, and DDP averages gradients over the d DP ranks; the loss
+handed to Megatron is therefore multiplied by n_mb·d, which makes the gradient exactly the
+full-batch gradient whatever the micro-batch count, DP size and aggregation mode.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Literal
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..algorithms import EntropyMech, aggregate, kl_penalty, policy_loss
+from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from .batching import PolicyBatch, microbatch_indices, minibatch_slices
+
+
+@dataclass
+class OptimConfig:
+    """Adam(W) with warm-up and decay (Megatron's OptimizerParamScheduler) and grad clipping."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    decay_steps: int = 1000
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr: expected 0 <= min_lr <= lr ({self.lr}), got {self.min_lr}")
+        if self.warmup_steps < 0 or self.decay_steps < 1:
+            raise ValueError("warmup_steps must be >= 0 and decay_steps >= 1")
+
+
+@dataclass
+class LossConfig:
+    """PPO-clip loss options (``algorithms.policy_loss``) plus the KL and entropy terms.
+
+    loss = policy_loss + kl_coef · agg(KL_kind(π_θ ‖ π_ref)) − entropy_coef · agg(H(π_θ)).
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    norm_const: float | None = None
+    dual_clip: float | None = None
+    tis_cap: float | None = None
+    kl_coef: float = 0.001
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    entropy_mech: Literal["none", "clip_cov", "kl_cov"] = "none"
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-3
+    kl_cov_coef: float = 1.0
+
+    def entropy_mechanism(self) -> EntropyMech | None:
+        if self.entropy_mech == "none":
+            return None
+        return EntropyMech(
+            kind=self.entropy_mech, clip_ratio=self.clip_cov_ratio, clip_cov_lb=self.clip_cov_lb,
+            clip_cov_ub=self.clip_cov_ub, kl_cov_ratio=self.kl_cov_ratio, kl_coef=self.kl_cov_coef,
+        )
+
+
+@dataclass
+class StepConfig:
+    """How one RL step's batch is used for updates."""
+
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_size: int | None = 4
+    max_tokens_per_microbatch: int | None = None
+    temperature: float = 1.0
+    step_kl: bool = True
+    peak_tflops: float | None = None  # per device, for MFU; None: report TFLOP/s only
+
+    def __post_init__(self) -> None:
+        if (self.micro_batch_size is None) == (self.max_tokens_per_microbatch is None):
+            raise ValueError("give exactly one of micro_batch_size and max_tokens_per_microbatch")
+        if self.ppo_epochs < 1 or self.mini_batches < 1:
+            raise ValueError("ppo_epochs and mini_batches must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
+
+
+def _num_params(chunks: list[torch.nn.Module]) -> int:
+    """Parameters of the whole model (summed over TP and PP ranks)."""
+    local = sum(p.numel() for c in chunks for p in c.parameters())
+    total = torch.tensor([float(local)], dtype=torch.float64)
+    for group in (parallel_state.get_tensor_model_parallel_group(),
+                  parallel_state.get_pipeline_model_parallel_group()):
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
+    return int(total.item())
+
+
+class PolicyTrainer:
+    """Megatron DDP + (distributed) optimizer + LR schedule around policy model chunks.
+
+    ``chunks``: the GPTModel chunks of this rank (from ``models.build_policy``);
+    ``ref_chunks``: frozen reference chunks (same layout) or None when ``loss.kl_coef == 0``.
+    """
+
+    def __init__(
+        self,
+        chunks: list[torch.nn.Module],
+        optim: OptimConfig,
+        loss: LossConfig,
+        step: StepConfig,
+        ref_chunks: list[torch.nn.Module] | None = None,
+    ) -> None:
+        if loss.kl_coef > 0 and ref_chunks is None:
+            raise ValueError("loss.kl_coef > 0 needs reference model chunks (ref_chunks)")
+        self.optim_cfg, self.loss_cfg, self.step_cfg = optim, loss, step
+        config = _unwrap(chunks[0]).config
+        self.model_config = config
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            config.variable_seq_lengths = True  # micro-batches are trimmed to their own length
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+        )
+        self.chunks = [
+            DistributedDataParallel(config=_unwrap(c).config, ddp_config=ddp_config, module=_unwrap(c))
+            for c in chunks
+        ]
+        self.ref_chunks = ref_chunks
+        for ref in ref_chunks or []:
+            ref.requires_grad_(False)
+            ref.eval()
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad, bf16=config.bf16, fp16=config.fp16,
+                params_dtype=config.params_dtype,
+                use_distributed_optimizer=optim.use_distributed_optimizer,
+            ),
+            self.chunks,
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
+            min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(optim.decay_steps, optim.warmup_steps + 1),
+            lr_decay_style=optim.decay_style, start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+        )
+        config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.num_params = _num_params(self.chunks)
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    # ----------------------------------------------------------------------------- helpers
+    @property
+    def is_last_stage(self) -> bool:
+        return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+    def _microbatches(self, batch: PolicyBatch) -> tuple[list[torch.Tensor], list[PolicyBatch]]:
+        """Row indices of each micro-batch, and the micro-batches (trimmed to their length)."""
+        rows = microbatch_indices(
+            batch.lengths,
+            micro_batch_size=self.step_cfg.micro_batch_size,
+            max_tokens=self.step_cfg.max_tokens_per_microbatch,
+        )
+        return rows, [batch.select(r) for r in rows]
+
+    def _share_from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The last pipeline stage's metrics, on every stage (rank 0 logs)."""
+        group = parallel_state.get_pipeline_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return metrics
+        box = [metrics if self.is_last_stage else None]
+        src = parallel_state.get_pipeline_model_parallel_last_rank()
+        dist.broadcast_object_list(box, src=src, group=group)
+        return box[0]
+
+    def _dp_sum(self, *values: float) -> list[float]:
+        out = torch.tensor(values, dtype=torch.float64)
+        if dist.get_world_size(self.dp_group) > 1:
+            dist.all_reduce(out, group=self.dp_group)
+        return out.tolist()
+
+    def _run(self, chunks, microbatches: list[PolicyBatch], loss_fn, forward_only: bool) -> list[dict]:
+        """One pass of Megatron's schedule over ``microbatches``; returns loss_fn's dicts."""
+        def forward_step(data_iterator: Iterator[PolicyBatch], model: torch.nn.Module):
+            mb = next(data_iterator)
+            seq = mb.tokens.shape[1]
+            positions = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
+            output = model(mb.tokens, positions, None)
+            return output, partial(loss_fn, mb)
+
+        longest = max(mb.tokens.shape[1] for mb in microbatches)
+        widest = max(mb.size for mb in microbatches)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=chunks,
+            num_microbatches=len(microbatches),
+            seq_length=longest,
+            micro_batch_size=widest,
+            decoder_seq_length=longest,
+            forward_only=forward_only,
+        )
+
+    def _token_logprobs(self, mb: PolicyBatch, logits: torch.Tensor) -> torch.Tensor:
+        """log π(tokens[t+1] | tokens[≤t]) / temperature-scaled, from vocab-parallel logits [b, s, v/tp]."""
+        return vocab_parallel_logprobs(
+            logits[:, :-1].float(), mb.tokens[:, 1:], self.tp_group, temperature=self.step_cfg.temperature
+        )
+
+    # ------------------------------------------------------------------------ log-probs
+    @torch.no_grad()
+    def logprobs(self, batch: PolicyBatch, reference: bool = False) -> torch.Tensor | None:
+        """Target-aligned log-probs [B, L−1] of the policy (or the reference) on the last PP
+        stage; None on the other stages."""
+        chunks = self.ref_chunks if reference else self.chunks
+        if chunks is None:
+            raise ValueError("reference log-probs requested but no reference chunks were given")
+        for c in chunks:
+            c.eval()
+        rows, micro = self._microbatches(batch)
+
+        def collect(mb: PolicyBatch, logits: torch.Tensor):
+            return torch.zeros((), dtype=torch.float32), {"logp": self._token_logprobs(mb, logits)}
+
+        outputs = self._run(chunks, micro, collect, forward_only=True)
+        if not self.is_last_stage:
+            return None
+        full = torch.zeros(batch.loss_mask.shape, dtype=torch.float32)
+        for idx, out in zip(rows, outputs):
+            logp = out["logp"]
+            full[idx, : logp.shape[1]] = logp
+        return full
+
+    # ----------------------------------------------------------------------- train step
+    def train_step(self, batch: PolicyBatch) -> dict[str, float]:
+        """Update the policy on this rank's share of one RL step; returns step metrics
+        (identical on every rank of the last pipeline stage)."""
+        start = time.perf_counter()
+        if batch.old_logp is None:
+            batch = batch.with_logps(old_logp=self.logprobs(batch))
+        mismatch = self._rollout_mismatch(batch)
+        if self.loss_cfg.kl_coef > 0 and batch.ref_logp is None:
+            batch = batch.with_logps(ref_logp=self.logprobs(batch, reference=True))
+        for c in self.chunks:
+            c.train()
+        sums: dict[str, float] = {}
+        grad_norms: list[float] = []
+        updates = 0
+        trained_tokens = 0.0
+        for _ in range(self.step_cfg.ppo_epochs):
+            for rows in minibatch_slices(batch.size, self.step_cfg.mini_batches):
+                mini = batch.select(rows)
+                metrics, grad_norm = self._update(mini)
+                updates += 1
+                grad_norms.append(grad_norm)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                trained_tokens += float(mini.lengths.sum())
+        out = {k: v / updates for k, v in sums.items()}
+        out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["actor/lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.step_cfg.step_kl and self.is_last_stage:
+            new_logp = self.logprobs(batch)
+            kl = kl_penalty(batch.old_logp, new_logp, "k3")  # KL(π_t ‖ π_{t+1}) on π_t's samples
+            kl_sum, count = self._dp_sum(float((kl * batch.loss_mask).sum()), float(batch.loss_mask.sum()))
+            out["actor/step_kl"] = kl_sum / max(count, 1.0)
+        elif self.step_cfg.step_kl:
+            self.logprobs(batch)  # the other stages take part in the pipeline schedule
+        seconds = time.perf_counter() - start
+        tokens_step, = self._dp_sum(trained_tokens)
+        forward_tokens, = self._dp_sum(float(batch.lengths.sum()))
+        passes = 1 + (self.loss_cfg.kl_coef > 0) + self.step_cfg.step_kl
+        flops = 6.0 * self.num_params * tokens_step + 2.0 * self.num_params * forward_tokens * passes
+        out["perf/tokens_per_s"] = tokens_step / seconds
+        out["perf/tflops"] = flops / seconds / 1e12
+        if self.step_cfg.peak_tflops:
+            out["perf/mfu"] = out["perf/tflops"] / (self.step_cfg.peak_tflops * dist.get_world_size())
+        out["perf/train_step_s"] = seconds
+        out.update(mismatch)
+        return self._share_from_last_stage(out)
+
+    def _rollout_mismatch(self, batch: PolicyBatch) -> dict[str, float]:
+        """Mean and max |log π_rollout − log π_old| over response tokens (train–inference gap)."""
+        if batch.rollout_logp is None or not self.is_last_stage:
+            return {}
+        gap = (batch.rollout_logp - batch.old_logp).abs() * batch.loss_mask
+        total, count = self._dp_sum(float(gap.sum()), float(batch.loss_mask.sum()))
+        worst = torch.tensor([float(gap.max()) if gap.numel() else 0.0])
+        if dist.get_world_size(self.dp_group) > 1:
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.dp_group)
+        return {"rollout/logp_diff_mean": total / max(count, 1.0), "rollout/logp_diff_max": float(worst)}
+
+    def _update(self, mini: PolicyBatch) -> tuple[dict[str, float], float]:
+        """One optimizer step on one mini-batch; returns (summed loss metrics, grad norm)."""
+        loss_cfg = self.loss_cfg
+        _, micro = self._microbatches(mini)
+        total_tokens, total_seqs = self._dp_sum(float(mini.loss_mask.sum()), float(mini.size))
+        scale = len(micro) * dist.get_world_size(self.dp_group)
+        totals = {"total_tokens": max(total_tokens, 1.0), "total_seqs": total_seqs}
+        mech = loss_cfg.entropy_mechanism()
+
+        def loss_fn(mb: PolicyBatch, logits: torch.Tensor):
+            logp = self._token_logprobs(mb, logits)
+            mask = mb.loss_mask.to(logp.dtype)
+            loss, stats = policy_loss(
+                logp, mb.old_logp, mb.advantages, mask,
+                clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, agg=loss_cfg.agg,
+                dual_clip=loss_cfg.dual_clip, rollout_logp=mb.rollout_logp, tis_cap=loss_cfg.tis_cap,
+                entropy_mech=mech, norm_const=loss_cfg.norm_const, **totals,
+            )
+            tokens = float(mask.sum())
+            report = {"actor/pg_loss": loss.detach()}
+            if loss_cfg.kl_coef > 0:
+                kl = aggregate(kl_penalty(logp, mb.ref_logp, loss_cfg.kl_kind), mask, loss_cfg.agg,
+                               norm_const=loss_cfg.norm_const, **totals)
+                loss = loss + loss_cfg.kl_coef * kl
+                report["actor/kl_ref"] = kl.detach()
+            entropy = vocab_parallel_entropy(
+                logits[:, :-1].float(), self.tp_group, temperature=self.step_cfg.temperature
+            )
+            if loss_cfg.entropy_coef > 0:
+                loss = loss - loss_cfg.entropy_coef * aggregate(
+                    entropy, mask, loss_cfg.agg, norm_const=loss_cfg.norm_const, **totals)
+            report["actor/entropy"] = (entropy.detach() * mask).sum() / totals["total_tokens"]
+            report["actor/loss"] = loss.detach()
+            # token-weighted so that the sum over micro-batches and ranks is the batch mean
+            for key, value in stats.items():
+                report[key] = torch.tensor(value * tokens / totals["total_tokens"])
+            return loss * scale, report
+
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run(self.chunks, micro, loss_fn, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        summed: dict[str, float] = {}
+        if self.is_last_stage:
+            keys = sorted(reports[0])
+            local = [sum(float(r[k]) for r in reports) for k in keys]
+            summed = dict(zip(keys, self._dp_sum(*local)))
+        return summed, float(grad_norm) if grad_norm is not None else float("nan")
