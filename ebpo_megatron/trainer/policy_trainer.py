@@ -189,6 +189,7 @@ class PolicyTrainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         self.num_params = _num_params(self.chunks)
+        self.vocab_size = getattr(_unwrap(chunks[0]), "real_vocab_size", None)  # logits past it: padding
         self.dp_group = parallel_state.get_data_parallel_group()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
 
@@ -247,7 +248,8 @@ class PolicyTrainer:
     def _token_logprobs(self, mb: PolicyBatch, logits: torch.Tensor) -> torch.Tensor:
         """log π(tokens[t+1] | tokens[≤t]) / temperature-scaled, from vocab-parallel logits [b, s, v/tp]."""
         return vocab_parallel_logprobs(
-            logits[:, :-1].float(), mb.tokens[:, 1:], self.tp_group, temperature=self.step_cfg.temperature
+            logits[:, :-1].float(), mb.tokens[:, 1:], self.tp_group,
+            temperature=self.step_cfg.temperature, vocab_size=self.vocab_size,
         )
 
     # ------------------------------------------------------------------------ log-probs
@@ -359,7 +361,8 @@ class PolicyTrainer:
                 loss = loss + loss_cfg.kl_coef * kl
                 report["actor/kl_ref"] = kl.detach()
             entropy = vocab_parallel_entropy(
-                logits[:, :-1].float(), self.tp_group, temperature=self.step_cfg.temperature
+                logits[:, :-1].float(), self.tp_group, temperature=self.step_cfg.temperature,
+                vocab_size=self.vocab_size,
             )
             if loss_cfg.entropy_coef > 0:
                 loss = loss - loss_cfg.entropy_coef * aggregate(

@@ -1,0 +1,131 @@
+"""Native rollout engine: sampling from the Megatron-Core GPTModel itself with a static KV cache.
+
+B = P·n sequences (each prompt repeated n times) are left-padded to the longest prompt L_p.
+Prefill runs the padded prompts with a [B, 1, L_p, L_p] mask (causal, and padding keys
+masked); each decode step feeds one token per sequence with a [B, 1, 1, L_p + t] mask that
+hides the padding keys. RoPE only sees position differences, so the per-sequence shift that
+left padding introduces changes nothing: the logits equal those of an unpadded forward.
+
+TP: logits are gathered over the vocabulary shards (``runtime_gather_output``) and every TP
+rank draws from an identically seeded generator, so all ranks sample the same tokens.
+PP > 1 is not supported by this engine (a clear error); vLLM is the engine for large models.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from .base import RolloutBatch, RolloutEngine, SamplingParams
+from .sampling import sample_tokens
+
+
+class NativeEngine(RolloutEngine):
+    """Generates with the policy's own GPTModel (shared with the trainer: no weight copy)."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, max_sequence_length: int,
+                 max_batch_size: int = 256) -> None:
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError(
+                "rollout.engine 'native' supports pipeline_parallel = 1 only; "
+                "use rollout.engine: vllm for pipeline-parallel models"
+            )
+        self.model = model
+        self.vocab_size = getattr(model, "real_vocab_size", None)  # logits past it are padding
+        self.pad_token_id = pad_token_id
+        self.max_sequence_length = max_sequence_length
+        self.max_batch_size = max_batch_size
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Nothing to copy: this engine samples from the training model's own parameters."""
+        for _ in named_tensors:
+            pass
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids: expected at least one prompt")
+        for i, prompt in enumerate(prompt_token_ids):
+            if not prompt:
+                raise ValueError(f"prompt_token_ids[{i}]: empty prompt")
+            if len(prompt) + params.max_new_tokens > self.max_sequence_length:
+                raise ValueError(
+                    f"prompt_token_ids[{i}]: {len(prompt)} prompt tokens + max_new_tokens "
+                    f"{params.max_new_tokens} exceed the context of {self.max_sequence_length} tokens"
+                )
+        start = time.perf_counter()
+        prompts = [p for p in prompt_token_ids for _ in range(params.n)]
+        results: list[tuple[list[int], list[float], str]] = []
+        for first in range(0, len(prompts), self.max_batch_size):
+            chunk = prompts[first: first + self.max_batch_size]
+            generator = torch.Generator().manual_seed(params.seed + first)
+            results.extend(self._generate_chunk(chunk, params, generator))
+        seconds = time.perf_counter() - start
+        new_tokens = sum(len(r[0]) for r in results)
+        return RolloutBatch(
+            prompt_ids=prompts,
+            response_ids=[r[0] for r in results],
+            logprobs=[r[1] for r in results],
+            finish_reasons=[r[2] for r in results],
+            group_ids=torch.arange(len(prompt_token_ids)).repeat_interleave(params.n),
+            stats={"rollout/seconds": seconds, "rollout/tokens_per_s": new_tokens / max(seconds, 1e-9)},
+        )
+
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams,
+                        generator: torch.Generator) -> list[tuple[list[int], list[float], str]]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        batch = len(prompts)
+        prompt_len = max(len(p) for p in prompts)
+        tokens = torch.full((batch, prompt_len), self.pad_token_id, dtype=torch.long)
+        is_pad = torch.ones((batch, prompt_len), dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            tokens[b, prompt_len - len(p):] = torch.tensor(p)
+            is_pad[b, prompt_len - len(p):] = False
+        total = prompt_len + params.max_new_tokens
+        context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=total)
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool).triu(1)
+        mask = causal[None, None] | is_pad[:, None, None, :]  # True = masked out
+        positions = torch.arange(prompt_len).unsqueeze(0).expand(batch, -1)
+        logits = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
+        context.increment_sequence_len_offset(prompt_len)
+        context.enable_decode_mode()
+
+        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long)
+        key_is_pad = torch.cat([is_pad, torch.zeros(batch, params.max_new_tokens, dtype=torch.bool)], 1)
+        out_tokens = torch.full((batch, params.max_new_tokens), self.pad_token_id, dtype=torch.long)
+        out_logp = torch.zeros((batch, params.max_new_tokens))
+        length = torch.zeros(batch, dtype=torch.long)
+        finished = torch.zeros(batch, dtype=torch.bool)
+        stopped = torch.zeros(batch, dtype=torch.bool)
+        for t in range(params.max_new_tokens):
+            token, logp = sample_tokens(
+                logits[:, -1, : self.vocab_size], temperature=params.temperature, top_k=params.top_k,
+                top_p=params.top_p, generator=generator,
+            )
+            active = ~finished
+            out_tokens[active, t] = token[active]
+            out_logp[active, t] = logp[active]
+            length += active.long()
+            hit_stop = active & torch.isin(token, stop_ids)
+            stopped |= hit_stop
+            finished |= hit_stop
+            if bool(finished.all()) or t == params.max_new_tokens - 1:
+                break
+            offset = context.sequence_len_offset
+            step_mask = key_is_pad[:, None, None, : offset + 1]
+            step_positions = torch.full((batch, 1), offset, dtype=torch.long)
+            logits = model(token.unsqueeze(1), step_positions, step_mask,
+                           inference_context=context, runtime_gather_output=True)
+            context.increment_sequence_len_offset(1)
+        model.train(was_training)
+        return [
+            (out_tokens[b, : length[b]].tolist(), out_logp[b, : length[b]].tolist(),
+             "stop" if stopped[b] else "length")
+            for b in range(batch)
+        ]
