@@ -16,7 +16,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) bench/estimator_mse.py --out runs/estimator_study
+	$(PY) -m ebpo_megatron.train --config examples/tiny_cpu.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -47,5 +47,5 @@ setup(
     packages=find_packages(include=["ebpo_megatron", "ebpo_megatron.*"]),
     install_requires=CORE_REQUIREMENTS,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["ebpo-train=ebpo_megatron.train:main"]},
 )

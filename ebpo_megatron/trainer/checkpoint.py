@@ -154,3 +154,33 @@ def load_checkpoint(path: Path, trainer: PolicyTrainer) -> dict[str, Any]:
     if rng_file.is_file():  # absent when resuming on more ranks than saved
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def save_model(root: Path, chunks: list[torch.nn.Module]) -> None:
+    """Model weights alone (e.g. the frozen reference policy), sharded and atomic."""
+    root = Path(root)
+    tmp = root.with_name(root.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save({"model": _model_state(chunks)}, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        (tmp / COMPLETE).write_text("model\n")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    _barrier()
+
+
+def load_model(root: Path, chunks: list[torch.nn.Module]) -> None:
+    root = Path(root)
+    if not (root / COMPLETE).is_file():
+        raise CheckpointError(f"{root}: not a complete model checkpoint (no {COMPLETE} marker)")
+    loaded = dist_checkpointing.load({"model": _model_state(chunks)}, str(root))
+    for i, chunk in enumerate(chunks):
+        getattr(chunk, "module", chunk).load_state_dict(loaded["model"][i])
+
+
+def _model_state(chunks: list[torch.nn.Module]) -> list[dict[str, Any]]:
+    return [getattr(c, "module", c).sharded_state_dict() for c in chunks]

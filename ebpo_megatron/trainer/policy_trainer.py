@@ -304,6 +304,7 @@ class PolicyTrainer:
         out = {k: v / updates for k, v in sums.items()}
         out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["actor/lr"] = self.optimizer.param_groups[0]["lr"]
+        out["actor/param_norm"] = self._param_norm()
         if self.step_cfg.step_kl and self.is_last_stage:
             new_logp = self.logprobs(batch)
             kl = kl_penalty(batch.old_logp, new_logp, "k3")  # KL(π_t ‖ π_{t+1}) on π_t's samples
@@ -323,6 +324,20 @@ class PolicyTrainer:
         out["perf/train_step_s"] = seconds
         out.update(mismatch)
         return self._share_from_last_stage(out)
+
+    def _param_norm(self) -> float:
+        """‖θ‖₂ of the whole model: TP shards summed over the TP group, TP-replicated tensors
+        counted once, stages summed over the PP group (float64)."""
+        tp_size = dist.get_world_size(self.tp_group)
+        squares = torch.zeros((), dtype=torch.float64)
+        for chunk in self.chunks:
+            for param in chunk.module.parameters():
+                weight = 1.0 if getattr(param, "tensor_model_parallel", False) else 1.0 / tp_size
+                squares += weight * param.detach().double().pow(2).sum()
+        for group in (self.tp_group, parallel_state.get_pipeline_model_parallel_group()):
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(squares, group=group)
+        return float(squares.sqrt())
 
     def _rollout_mismatch(self, batch: PolicyBatch) -> dict[str, float]:
         """Mean and max |log π_rollout − log π_old| over response tokens (train–inference gap)."""

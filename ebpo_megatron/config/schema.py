@@ -1,0 +1,184 @@
+"""The trainer's configuration: one typed dataclass per section, loaded from YAML.
+
+    run        names, seeds, step counts, checkpoint and logging cadence
+    model      architecture (``models.config.ModelConfig``)
+    parallel   TP / PP / DP layout (``parallel.distributed.ParallelConfig``)
+    data       the prompt stream: embedded synthetic task or math files, curriculum order
+    rollout    engine and sampling (G = ``rollout.n``)
+    algorithm  advantage estimator, DAPO sampling options, the PPO loss
+    train      how a step's batch is used (epochs, mini/micro-batches), the optimizer
+    sft        the supervised warm start of the embedded default
+
+``load_config(path, overrides)`` validates everything before any model or process-group work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..algorithms import list_estimators
+from ..models.config import ModelConfig
+from ..parallel.distributed import ParallelConfig
+from ..trainer.policy_trainer import LossConfig, OptimConfig, StepConfig
+from .typed import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 1234
+    steps: int = 100
+    eval_every: int = 10
+    save_every: int = 20
+    keep_last: int = 2
+    resume: bool = True
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "ebpo_megatron"
+    tensorboard: bool = False
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "eval_every", "save_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"run.{key}: expected >= 1, got {getattr(self, key)}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class SyntheticTaskConfig:
+    num_train: int = 4000
+    num_eval: int = 200
+    levels: list[int] = field(default_factory=lambda: [0, 1, 2])
+    tokenizer_vocab: int = 96
+
+
+@dataclass
+class DataConfig:
+    task: Literal["synthetic", "math"] = "synthetic"
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    tokenizer_dir: str | None = None
+    order: Literal["random", "topic", "difficulty"] = "random"
+    prompts_per_step: int = 16
+    max_prompt_tokens: int = 256
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1:
+            raise ConfigError(f"data.prompts_per_step: expected >= 1, got {self.prompts_per_step}")
+        if self.task == "math" and not self.train_files:
+            raise ConfigError("data.train_files: task 'math' needs at least one jsonl/parquet file")
+
+
+@dataclass
+class VLLMConfig:
+    tensor_parallel: int = 1
+    gpu_memory_utilization: float = 0.5
+    sync_bucket_mb: int = 512
+    enforce_eager: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["native", "vllm"] = "native"
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 32
+    eval_temperature: float = 0.0
+    eval_samples: int = 1
+    max_batch_size: int = 256
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"rollout.n: expected >= 1 responses per prompt, got {self.n}")
+
+
+@dataclass
+class OverlongConfig:
+    enabled: bool = False
+    buffer_length: int = 4
+    penalty_factor: float = 1.0
+
+
+@dataclass
+class AlgorithmConfig:
+    estimator: str = "ebpo"
+    eps: float = 1e-6
+    batch_normalize: bool = True
+    tau2: Literal["raw", "bias_corrected"] = "raw"
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        if self.estimator not in list_estimators():
+            raise ConfigError(
+                f"algorithm.estimator: got {self.estimator!r}, expected one of {list_estimators()}"
+            )
+
+    def estimator_options(self) -> dict[str, object]:
+        """Keyword options of ``compute_advantages`` for the chosen estimator."""
+        if self.estimator == "ebpo":
+            return {"eps": self.eps, "batch_normalize": self.batch_normalize, "tau2": self.tau2}
+        if self.estimator == "grpo":
+            return {"eps": self.eps}
+        return {}
+
+
+@dataclass
+class TrainConfig:
+    step: StepConfig = field(default_factory=StepConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 0
+    lr: float = 3e-3
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML ``path`` (None: all defaults), apply ``a.b=value`` overrides, validate."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = load_yaml(path.read_text()) or {}
+        except Exception as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    try:
+        return from_dict(Config, apply_overrides(data, overrides))
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from err
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML text."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

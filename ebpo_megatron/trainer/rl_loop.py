@@ -1,0 +1,264 @@
+"""The RL loop, top to bottom:
+
+    sample prompts (curriculum) -> rollout (G = rollout.n per prompt) -> reward
+    -> advantages (compute_advantages; prior and group statistics reduced over DP)
+    -> old / reference log-probs -> PPO epochs (PolicyTrainer.train_step)
+    -> weight sync -> metrics -> checkpoint
+
+Every DP rank takes a contiguous share of the step's prompts; group ids are the prompts'
+positions in the whole step, so the estimator can merge a prompt's statistics across ranks.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from ..algorithms import EBPOPrior, compute_advantages, groups_with_signal, overlong_penalty
+from ..config.schema import Config
+from ..rollout.base import RolloutEngine, SamplingParams
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .policy_trainer import PolicyTrainer
+from .rollout_batch import build_policy_batch
+from .task import Task, TaskPrompt
+
+
+class StopRequested(Exception):
+    """SIGUSR1/SIGTERM arrived: a checkpoint was written and the run should exit cleanly."""
+
+
+@dataclass
+class StepRollout:
+    prompts: list[TaskPrompt]  # this rank's prompts
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[str]
+    group_ids: torch.Tensor
+    rewards: torch.Tensor
+    reward_stats: dict[str, float]
+    texts: list[str]
+    answers: list[str]
+
+
+def _dp() -> tuple[int, int, Any]:
+    group = parallel_state.get_data_parallel_group()
+    return dist.get_rank(group), dist.get_world_size(group), group
+
+
+def _dp_mean(values: dict[str, float], weights: float = 1.0) -> dict[str, float]:
+    """Weighted mean of per-rank values over the DP group (identical on every rank)."""
+    _, size, group = _dp()
+    keys = sorted(values)
+    packed = torch.tensor([values[k] * weights for k in keys] + [weights], dtype=torch.float64)
+    if size > 1:
+        dist.all_reduce(packed, group=group)
+    return {k: float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
+
+
+def rollout_share(
+    engine: RolloutEngine, task: Task, prompts: list[TaskPrompt], first_group_id: int,
+    params: SamplingParams,
+) -> StepRollout:
+    """Generate and score this rank's share of ``prompts`` (the whole step's list)."""
+    rank, size, _ = _dp()
+    per_rank = -(-len(prompts) // size)
+    mine = prompts[rank * per_rank: (rank + 1) * per_rank]
+    if not mine:
+        raise ValueError(
+            f"data.prompts_per_step ({len(prompts)}) leaves data-parallel rank {rank} without prompts"
+        )
+    batch = engine.generate([list(p.token_ids) for p in mine], params)
+    texts = [task.tokenizer.decode(r) for r in batch.response_ids]
+    answers = [mine[int(g)].answer for g in batch.group_ids]
+    scores, stats = task.reward(texts, answers)
+    group_ids = batch.group_ids + first_group_id + rank * per_rank
+    return StepRollout(mine, batch.prompt_ids, batch.response_ids, batch.logprobs,
+                       batch.finish_reasons, group_ids, torch.tensor(scores, dtype=torch.float32),
+                       {**stats, **batch.stats}, texts, answers)
+
+
+def evaluate(engine: RolloutEngine, task: Task, config: Config) -> dict[str, float]:
+    """Held-out pass@1: mean reward-correctness over ``rollout.eval_samples`` samples per prompt
+    at ``rollout.eval_temperature`` (0 = greedy)."""
+    params = SamplingParams(
+        n=config.rollout.eval_samples, temperature=config.rollout.eval_temperature,
+        max_new_tokens=config.rollout.max_new_tokens, stop_token_ids=task.stop_token_ids,
+        seed=config.run.seed,
+    )
+    share = rollout_share(engine, task, task.held_out, 0, params)
+    correct = (share.rewards >= 1.0).double()
+    out = {"eval/pass@1": float(correct.mean())}
+    if task.strict_reward is not None:
+        strict, _ = task.strict_reward(share.texts, share.answers)
+        out["eval/strict_pass@1"] = sum(1.0 for s in strict if s >= 1.0) / len(strict)
+    return _dp_mean(out, weights=float(len(share.rewards)))
+
+
+class RLLoop:
+    """Owns the step loop; everything it composes is built by ``trainer.run``."""
+
+    def __init__(self, config: Config, task: Task, trainer: PolicyTrainer, engine: RolloutEngine,
+                 sampler: Any, logger: Any) -> None:
+        self.config, self.task, self.trainer, self.engine = config, task, trainer, engine
+        self.sampler, self.logger = sampler, logger
+        self.prior = EBPOPrior()
+        self.step = 0
+        self.checkpoint_root = config.run.run_dir / "checkpoints"
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ checkpoint
+    def state(self) -> dict[str, Any]:
+        return {"prior": self.prior.state_dict(), "sampler": self.sampler.state_dict()}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.checkpoint_root, self.step, self.trainer, self.state(),
+                               keep_last=self.config.run.keep_last)
+
+    def try_resume(self) -> bool:
+        latest = latest_checkpoint(self.checkpoint_root) if self.config.run.resume else None
+        if latest is None:
+            return False
+        state = load_checkpoint(latest, self.trainer)
+        self.prior.load_state_dict(state["prior"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        return True
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    # ------------------------------------------------------------------ one step
+    def sampling_params(self) -> SamplingParams:
+        r = self.config.rollout
+        rank, _, _ = _dp()
+        return SamplingParams(
+            n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens, stop_token_ids=self.task.stop_token_ids,
+            seed=(self.config.run.seed * 1_000_003 + self.step * 1009 + rank) % 2**62,
+        )
+
+    def collect(self) -> tuple[list[StepRollout], dict[str, float]]:
+        """Rollouts of this step; with DAPO dynamic sampling, rounds until enough groups carry
+        signal (or ``max_sampling_rounds``)."""
+        algo = self.config.algorithm
+        per_step = self.config.data.prompts_per_step
+        shares: list[StepRollout] = []
+        kept_groups = 0
+        rounds = 0
+        params = self.sampling_params()
+        _, _, group = _dp()
+        while True:
+            prompts = self.sampler.next_batch()
+            share = rollout_share(self.engine, self.task, prompts, rounds * per_step,
+                                  SamplingParams(**{**params.__dict__, "seed": params.seed + 7919 * rounds}))
+            if algo.overlong.enabled:
+                lengths = torch.tensor([len(r) for r in share.response_ids])
+                share.rewards = share.rewards + overlong_penalty(
+                    lengths, self.config.rollout.max_new_tokens, algo.overlong.buffer_length,
+                    algo.overlong.penalty_factor)
+            rounds += 1
+            if not algo.dynamic_sampling:
+                shares.append(share)
+                break
+            keep = groups_with_signal(share.rewards, share.group_ids, group)
+            kept = _select(share, keep)
+            count = torch.tensor([float(keep.sum()) / self.config.rollout.n])
+            dist.all_reduce(count, group=group)
+            kept_groups += int(round(float(count)))
+            if len(kept.rewards):
+                shares.append(kept)
+            if kept_groups >= per_step or rounds >= algo.max_sampling_rounds:
+                if not shares:  # nothing with signal on this rank: train on the last round as is
+                    shares.append(share)
+                break
+        return shares, {"sampling/rounds": float(rounds), "sampling/kept_groups": float(kept_groups)}
+
+    def run_step(self) -> dict[str, float]:
+        self.step += 1
+        start = time.perf_counter()
+        self.engine.wake()
+        shares, sampling = self.collect()
+        self.engine.sleep()
+        rollout_seconds = time.perf_counter() - start
+        _, _, group = _dp()
+        merged = _merge(shares)
+        algo = self.config.algorithm
+        raw_rewards = merged.rewards
+        advantages, adv_metrics = compute_advantages(
+            algo.estimator, raw_rewards, merged.group_ids, prior=self.prior,
+            process_group=group, **algo.estimator_options(),
+        )
+        batch = build_policy_batch(merged.prompt_ids, merged.response_ids, merged.logprobs,
+                                   advantages, self.task.tokenizer.pad_id)
+        train_metrics = self.trainer.train_step(batch)
+        lengths = [float(len(r)) for r in merged.response_ids]
+        local = {
+            "response/length_mean": sum(lengths) / len(lengths),
+            "response/clip_frac": sum(f == "length" for f in merged.finish_reasons) / len(lengths),
+            **{k: v for k, v in merged.reward_stats.items() if k.startswith("reward/")},
+        }
+        metrics = {
+            **_dp_mean(local, weights=float(len(lengths))),
+            **adv_metrics, **train_metrics, **(sampling if algo.dynamic_sampling else {}),
+            "perf/rollout_s": rollout_seconds,
+            "perf/step_s": time.perf_counter() - start,
+        }
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, float]:
+        run = self.config.run
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        try:
+            if self.step == 0:
+                self.logger.log(0, evaluate(self.engine, self.task, self.config))
+            last: dict[str, float] = {}
+            while self.step < run.steps:
+                metrics = self.run_step()
+                if self.step % run.eval_every == 0 or self.step == run.steps:
+                    metrics.update(evaluate(self.engine, self.task, self.config))
+                self.logger.log(self.step, metrics)
+                last = metrics
+                if self.step % run.save_every == 0 or self.step == run.steps or self._stop_signal:
+                    self.save()
+                if self._stop_signal is not None:
+                    raise StopRequested(f"signal {self._stop_signal}: checkpoint saved at step {self.step}")
+            return last
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _select(share: StepRollout, keep: torch.Tensor) -> StepRollout:
+    rows = torch.nonzero(keep).flatten().tolist()
+    return StepRollout(
+        share.prompts, [share.prompt_ids[i] for i in rows], [share.response_ids[i] for i in rows],
+        [share.logprobs[i] for i in rows], [share.finish_reasons[i] for i in rows],
+        share.group_ids[rows], share.rewards[rows], share.reward_stats,
+        [share.texts[i] for i in rows], [share.answers[i] for i in rows],
+    )
+
+
+def _merge(shares: list[StepRollout]) -> StepRollout:
+    """Concatenate the rounds of one step (dynamic sampling) into one rollout."""
+    if len(shares) == 1:
+        return shares[0]
+    stats: dict[str, float] = {}
+    for s in shares:
+        for k, v in s.reward_stats.items():
+            stats[k] = stats.get(k, 0.0) + v
+    return StepRollout(
+        [p for s in shares for p in s.prompts],
+        [x for s in shares for x in s.prompt_ids], [x for s in shares for x in s.response_ids],
+        [x for s in shares for x in s.logprobs], [x for s in shares for x in s.finish_reasons],
+        torch.cat([s.group_ids for s in shares]), torch.cat([s.rewards for s in shares]), stats,
+        [x for s in shares for x in s.texts], [x for s in shares for x in s.answers],
+    )

@@ -1,0 +1,153 @@
+"""Assemble a training run from its config and run it (``ebpo-train``).
+
+process groups -> task (tokenizer) -> policy chunks -> warm start (fresh runs) -> frozen
+reference -> PolicyTrainer -> rollout engine -> curriculum sampler -> RLLoop (resuming from the
+run directory's latest complete checkpoint) -> plot and summary.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from ..config.schema import Config, dump_config
+from ..data.sampler import CurriculumSampler
+from ..models import build_policy
+from ..parallel import cpu_compat, initialize, launch_info, shutdown
+from ..rollout.native_engine import NativeEngine
+from .batching import minibatch_slices
+from .checkpoint import latest_checkpoint, load_model, save_model
+from .metrics_log import MetricsLogger, plot_run, read_metrics
+from .policy_trainer import PolicyTrainer
+from .rl_loop import RLLoop
+from .rollout_batch import build_policy_batch
+from .task import Task
+from .tasks import build_task
+from .warm_start import sft_warm_start
+
+
+class _SilentLogger:
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _is_rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _sft_batches(task: Task, config: Config) -> list:
+    rng = random.Random(config.run.seed)
+    rank = parallel_state.get_data_parallel_rank()
+    size = parallel_state.get_data_parallel_world_size()
+    batches = []
+    for _ in range(config.sft.steps):
+        pairs = rng.sample(task.sft_pairs, min(config.sft.batch_size, len(task.sft_pairs)))
+        mine = pairs[minibatch_slices(len(pairs), size)[rank]]
+        prompt_ids, answers = [p for p, _ in mine], [a for _, a in mine]
+        batches.append(build_policy_batch(prompt_ids, answers, [[0.0] * len(a) for a in answers],
+                                          torch.zeros(len(mine)), task.tokenizer.pad_id))
+    return batches
+
+
+def _make_engine(config: Config, trainer: PolicyTrainer, task: Task):
+    if config.rollout.engine == "vllm":
+        raise ValueError(
+            "rollout.engine 'vllm': the colocated engine (rollout/vllm_engine.py) is not wired into "
+            "the trainer yet; use rollout.engine: native"
+        )
+    return NativeEngine(trainer.chunks[0].module, pad_token_id=task.tokenizer.pad_id,
+                        max_sequence_length=config.model.max_position_embeddings,
+                        max_batch_size=config.rollout.max_batch_size)
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Train; returns the run summary (also written to ``<run_dir>/summary.json``)."""
+    started = time.time()
+    if config.run.torch_threads:
+        torch.set_num_threads(config.run.torch_threads)
+    initialize(config.parallel, config.model, launch_info())
+    try:
+        return _run(config, started)
+    finally:
+        shutdown()
+
+
+def _run(config: Config, started: float) -> dict[str, Any]:
+    cpu_compat.set_seed(config.run.seed)
+    run_dir = config.run.run_dir
+    if _is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        task = build_task(config, run_dir)  # rank 0 first: it may train the tokenizer
+    dist.barrier()
+    if not _is_rank0():
+        task = build_task(config, run_dir)
+
+    chunks = build_policy(config.model, config.parallel)
+    resuming = config.run.resume and latest_checkpoint(run_dir / "checkpoints") is not None
+    reference_dir = run_dir / "reference"
+    sft_losses: list[float] = []
+    if not resuming and config.sft.steps > 0:
+        sft_losses = sft_warm_start(chunks[0], _sft_batches(task, config), lr=config.sft.lr,
+                                    log_every=max(config.sft.steps // 5, 1))
+    ref_chunks = None
+    if config.algorithm.loss.kl_coef > 0:
+        ref_chunks = build_policy(config.model, config.parallel)
+        if resuming:
+            load_model(reference_dir, ref_chunks)
+        else:
+            for ref, chunk in zip(ref_chunks, chunks):
+                ref.load_state_dict(chunk.state_dict())
+            save_model(reference_dir, ref_chunks)
+
+    trainer = PolicyTrainer(chunks, config.train.optim, config.algorithm.loss, config.train.step, ref_chunks)
+    engine = _make_engine(config, trainer, task)
+    sampler = CurriculumSampler(task.train, config.data.order, config.data.prompts_per_step, config.run.seed)
+    loop = RLLoop(config, task, trainer, engine, sampler, _SilentLogger())
+    resumed = loop.try_resume()
+    logger: Any = _SilentLogger()
+    if _is_rank0():
+        from ..config.typed import to_dict
+
+        logger = MetricsLogger(run_dir, config.run.steps, config.run.wandb, config.run.wandb_project,
+                               to_dict(config), config.run.tensorboard, start_step=loop.step)
+        if sft_losses:
+            print(f"[sft] warm start: loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} in {len(sft_losses)} steps",
+                  flush=True)
+        if resumed:
+            print(f"[resume] continuing from step {loop.step} ({latest_checkpoint(run_dir / 'checkpoints')})",
+                  flush=True)
+    loop.logger = logger
+    try:
+        loop.run()
+    finally:
+        logger.close()
+    summary: dict[str, Any] = {}
+    if _is_rank0():
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        evals = [r for r in rows if "eval/pass@1" in r]
+        plot_run(run_dir / "metrics.jsonl", run_dir / "training_curves.png",
+                 title=f"{config.run.name}: {config.algorithm.estimator}, G={config.rollout.n}")
+        summary = {
+            "estimator": config.algorithm.estimator,
+            "steps": loop.step,
+            "heldout_pass@1_start": evals[0]["eval/pass@1"] if evals else None,
+            "heldout_pass@1_end": evals[-1]["eval/pass@1"] if evals else None,
+            "wall_seconds": round(time.time() - started, 1),
+            "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"held-out pass@1: {summary['heldout_pass@1_start']:.3f} (start) -> "
+              f"{summary['heldout_pass@1_end']:.3f} (end); {summary['wall_seconds']} s; "
+              f"curves: {run_dir / 'training_curves.png'}", flush=True)
+    return summary

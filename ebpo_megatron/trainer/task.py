@@ -1,0 +1,46 @@
+"""What the RL loop needs from a task, whatever its source (embedded synthetic task, math files).
+
+A task supplies tokenized prompts with reference answers (train and held-out), a tokenizer
+for decoding responses, a reward over (response text, answer), and, optionally, supervised
+(prompt, answer) pairs for the warm start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    uid: int
+    token_ids: tuple[int, ...]
+    answer: str
+    topic: str = "default"
+    difficulty: float = 0.5
+
+
+class TextTokenizer(Protocol):
+    eos_id: int
+    pad_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+RewardFn = Callable[[list[str], list[str]], tuple[list[float], dict[str, float]]]
+
+
+@dataclass
+class Task:
+    """Prompts, tokenizer and reward of one training run."""
+
+    train: list[TaskPrompt]
+    held_out: list[TaskPrompt]
+    tokenizer: TextTokenizer
+    reward: RewardFn
+    stop_token_ids: tuple[int, ...]
+    sft_pairs: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    strict_reward: RewardFn | None = None  # e.g. boxed-only accuracy, reported beside the reward
