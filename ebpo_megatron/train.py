@@ -27,14 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     for noise in ("Transformer Engine and Apex", "Apex is not installed", ".*is deprecated",
                   "The following imports from", "To copy construct from a tensor"):
         warnings.filterwarnings("ignore", message=noise)
-    from .trainer.rl_loop import StopRequested
+    from .trainer.checkpoint import CheckpointError
+    from .trainer.rl_loop import NonFiniteLoss, StopRequested
     from .trainer.run import run
 
     try:
         run(config)
     except StopRequested as stop:
         print(f"ebpo-train: {stop}; rerun the same command to resume", file=sys.stderr)
-        return 0
+    except (NonFiniteLoss, CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"ebpo-train: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

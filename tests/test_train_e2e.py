@@ -107,3 +107,11 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert done.returncode == 2
     assert "algorithm.estimatr: unknown key. Did you mean 'algorithm.estimator'" in done.stderr
     assert not (tmp_path / "e2e").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
+    # a learning rate of 1e30 blows the weights up within a few steps
+    done = subprocess.run(command(tmp_path, "train.optim.lr=1e30", "train.optim.clip_grad=1e30", "run.save_every=1"),
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "is nan" in done.stderr and "Last good checkpoint" in done.stderr

@@ -11,6 +11,7 @@ positions in the whole step, so the estimator can merge a prompt's statistics ac
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .policy_trainer import PolicyTrainer
 from .rollout_batch import build_policy_batch
 from .task import Task, TaskPrompt
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the message names the step and the last
+    good checkpoint (nothing after it is saved, so nothing good is overwritten)."""
 
 
 class StopRequested(Exception):
@@ -199,6 +205,14 @@ class RLLoop:
         batch = build_policy_batch(merged.prompt_ids, merged.response_ids, merged.logprobs,
                                    advantages, self.task.tokenizer.pad_id)
         train_metrics = self.trainer.train_step(batch)
+        for key in ("actor/loss", "actor/grad_norm"):
+            value = train_metrics.get(key)
+            if value is not None and not math.isfinite(value):
+                latest = latest_checkpoint(self.checkpoint_root)
+                raise NonFiniteLoss(
+                    f"step {self.step}: {key} is {value}; stopping without saving. Last good checkpoint: "
+                    f"{latest or 'none (no checkpoint was written yet)'}; lower the learning rate or check the rewards"
+                )
         lengths = [float(len(r)) for r in merged.response_ids]
         local = {
             "response/length_mean": sum(lengths) / len(lengths),
