@@ -6,7 +6,7 @@ k); all use RMSNorm, SwiGLU, RoPE and GQA. ``rope_scaling`` is Llama-3's frequen
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 
@@ -42,8 +42,7 @@ class ModelConfig:
     fp8_recipe: Literal["delayed", "current"] = "delayed"
     recompute: Literal["none", "selective", "full"] = "none"
     init_std: float = 0.02
-    checkpoint: str | None = None  # a Megatron dist checkpoint (tools/convert_hf_to_megatron.py)
-    extra: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None  # initial weights: a model-only Megatron dist checkpoint
 
     def __post_init__(self) -> None:
         if self.qkv_bias is None:

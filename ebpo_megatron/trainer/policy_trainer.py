@@ -375,10 +375,11 @@ class PolicyTrainer:
                                norm_const=loss_cfg.norm_const, **totals)
                 loss = loss + loss_cfg.kl_coef * kl
                 report["actor/kl_ref"] = kl.detach()
-            entropy = vocab_parallel_entropy(
-                logits[:, :-1].float(), self.tp_group, temperature=self.step_cfg.temperature,
-                vocab_size=self.vocab_size,
-            )
+            with torch.set_grad_enabled(loss_cfg.entropy_coef > 0):  # a metric unless it is a loss term
+                entropy = vocab_parallel_entropy(
+                    logits[:, :-1].float(), self.tp_group, temperature=self.step_cfg.temperature,
+                    vocab_size=self.vocab_size,
+                )
             if loss_cfg.entropy_coef > 0:
                 loss = loss - loss_cfg.entropy_coef * aggregate(
                     entropy, mask, loss_cfg.agg, norm_const=loss_cfg.norm_const, **totals)

@@ -97,6 +97,8 @@ def _run(config: Config, started: float) -> dict[str, Any]:
     resuming = config.run.resume and latest_checkpoint(run_dir / "checkpoints") is not None
     reference_dir = run_dir / "reference"
     sft_losses: list[float] = []
+    if not resuming and config.model.checkpoint:
+        load_model(Path(config.model.checkpoint), chunks)
     if not resuming and config.sft.steps > 0:
         sft_losses = sft_warm_start(chunks[0], _sft_batches(task, config), lr=config.sft.lr,
                                     log_every=max(config.sft.steps // 5, 1))

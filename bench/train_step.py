@@ -1,0 +1,108 @@
+"""Tokens/s of one RL train step on CPU: this project (Megatron-Core GPTModel, TP=1, DDP +
+distributed optimizer, PolicyTrainer) vs the same architecture in Hugging Face `transformers`
+with torch AdamW running the same GRPO/PPO-clip loss, in one run, same batch; prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from ebpo_megatron.algorithms import entropy_from_logits, policy_loss
+
+
+def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
+    from ebpo_megatron.trainer.batching import PolicyBatch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, length), generator=g)
+    mask = torch.zeros(batch, length - 1)
+    mask[:, length // 4:] = 1.0  # the last 3/4 is the response
+    old = -9.0 + 0.1 * torch.randn(batch, length - 1, generator=g)
+    return PolicyBatch(tokens, torch.full((batch,), length), mask, torch.randn(batch, generator=g), old_logp=old)
+
+
+def megatron_steps(cfg, batch, steps: int, micro: int) -> float:
+    from ebpo_megatron.models import build_policy
+    from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize, launch_info, shutdown
+    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+
+    initialize(ParallelConfig(), cfg, launch_info())
+    try:
+        cpu_compat.set_seed(0)
+        chunks = build_policy(cfg, ParallelConfig())
+        trainer = PolicyTrainer(chunks, OptimConfig(lr=1e-5), LossConfig(kl_coef=0.0),
+                                StepConfig(micro_batch_size=micro, step_kl=False))
+        trainer.train_step(batch)  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batch)
+        return (time.perf_counter() - start) / steps
+    finally:
+        shutdown()
+
+
+def hf_steps(cfg, batch, steps: int, micro: int) -> float:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).float().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    total_tokens = float(batch.loss_mask.sum())
+
+    def step():
+        optimizer.zero_grad()
+        for first in range(0, batch.size, micro):
+            mb = batch.select(slice(first, first + micro))
+            logits = model(mb.tokens).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, mb.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+            loss, _ = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask, total_tokens=total_tokens)
+            with torch.no_grad():
+                entropy_from_logits(logits)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from ebpo_megatron.models import ModelConfig
+
+    cfg = ModelConfig(num_layers=6, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8, num_kv_heads=4,
+                      vocab_size=8192, max_position_embeddings=args.length)
+    batch = make_batch(cfg.vocab_size, args.batch, args.length)
+    params = 2 * cfg.vocab_size * cfg.hidden_size + cfg.num_layers * (
+        cfg.hidden_size * (cfg.hidden_size + 2 * cfg.num_kv_heads * cfg.kv_channels) + cfg.hidden_size ** 2
+        + 3 * cfg.hidden_size * cfg.ffn_hidden_size)
+    tokens = args.batch * args.length
+    t_mc = megatron_steps(cfg, batch, args.steps, args.micro)
+    t_hf = hf_steps(cfg, batch, args.steps, args.micro)
+    print(f"model ~{params / 1e6:.1f}M parameters, batch {args.batch} x {args.length} tokens, "
+          f"{args.micro} sequences per micro-batch, {args.threads} threads")
+    print(f"HF transformers + torch AdamW : {t_hf:7.3f} s/step  {tokens / t_hf:8.0f} tokens/s")
+    print(f"ebpo_megatron (Megatron-Core) : {t_mc:7.3f} s/step  {tokens / t_mc:8.0f} tokens/s")
+    print(f"ratio (ours / HF)             : {t_hf / t_mc:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
