@@ -115,3 +115,38 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "is nan" in done.stderr and "Last good checkpoint" in done.stderr
+
+
+def test_math_task_trains_from_jsonl_with_a_local_hf_tokenizer(tmp_path):
+    pytest.importorskip("math_verify")
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from test_math_data import CHATML, CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(tmp_path / "tok")
+    data = ROOT / "tests/data/math_small.jsonl"
+    done = subprocess.run(command(tmp_path, "data.task=math", f"data.train_files=[{data}]",
+                                  f"data.tokenizer_dir={tmp_path / 'tok'}", "data.max_prompt_tokens=200",
+                                  "model.vocab_size=512", "model.max_position_embeddings=256", "sft.steps=0",
+                                  "rollout.max_new_tokens=8", "run.steps=2", "run.eval_every=2", "run.save_every=2",
+                                  "data.prompts_per_step=4", "data.order=topic"),
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = last_rows(tmp_path / "e2e/metrics.jsonl")
+    assert sorted(rows) == [0, 1, 2] and "reward/boxed_frac" in rows[1]
+    for extra, message in ((["model.vocab_size=512", "data.max_prompt_tokens=3"], "data.train_files: no usable prompt"),
+                           (["data.max_prompt_tokens=200"], "model.vocab_size 32 is smaller than the tokenizer's 300")):
+        bad = subprocess.run(command(tmp_path / "b", "data.task=math", f"data.train_files=[{data}]",
+                                     f"data.tokenizer_dir={tmp_path / 'tok'}", *extra),
+                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1 and message in bad.stderr, bad.stderr[-2000:]

@@ -36,8 +36,74 @@ def build_synthetic_task(config: Config, run_dir: Path) -> Task:
                 reward=SafeReward(score_response), stop_token_ids=(tokenizer.eos_id,), sft_pairs=sft)
 
 
+class HFTokenizer:
+    """The :class:`TextTokenizer` view of a Hugging Face tokenizer."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"data.tokenizer_dir: tokenizer {tokenizer.name_or_path} has no eos token")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+
+def _math_reward(reward):
+    """(responses, answers) -> (scores, counts) with the math reward's errors and timeouts counted."""
+    def score(responses: list[str], answers: list[str]) -> tuple[list[float], dict[str, float]]:
+        results = reward.score_batch(responses, answers)
+        timeouts = sum(r.error == "timeout" for r in results)
+        errors = sum(r.error is not None and r.error != "timeout" for r in results)
+        return [r.score for r in results], {"reward/errors": float(errors), "reward/timeouts": float(timeouts),
+                                           "reward/boxed_frac": sum(r.boxed for r in results) / max(len(results), 1)}
+    return score
+
+
+def build_math_task(config: Config) -> Task:
+    """Math problems from jsonl/parquet (verl, DAPO-Math-17K or plain rows), rendered with the
+    tokenizer's chat template; prompts over ``data.max_prompt_tokens`` are dropped and counted."""
+    import zlib
+
+    from ..data.math_datasets import load_math_dataset
+    from ..data.math_prompts import ChatPromptRenderer
+    from ..rewards.math import MathReward, MathRewardConfig
+
+    data = config.data
+    if not data.tokenizer_dir:
+        raise ValueError("data.tokenizer_dir: task 'math' needs a local Hugging Face tokenizer directory")
+    renderer = ChatPromptRenderer(data.tokenizer_dir, max_prompt_tokens=data.max_prompt_tokens)
+    tokenizer = HFTokenizer(renderer.tokenizer)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"model.vocab_size {config.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} ({data.tokenizer_dir}): wrong tokenizer for this model?")
+
+    def prompts(files: list[str], field: str) -> list[TaskPrompt]:
+        examples = [e for f in files for e in load_math_dataset(f)]
+        kept, dropped = renderer.render_all(examples)
+        if not kept:
+            raise ValueError(f"data.{field}: no usable prompt ({len(examples)} rows, {dropped} longer than "
+                             f"data.max_prompt_tokens = {data.max_prompt_tokens})")
+        if dropped:
+            print(f"[data] {field}: dropped {dropped} of {len(examples)} prompts longer than "
+                  f"{data.max_prompt_tokens} tokens", flush=True)
+        return [TaskPrompt(zlib.crc32(p.example.uid.encode()), p.token_ids, p.example.answer,
+                           p.example.topic or "unknown",
+                           0.5 if p.example.difficulty is None else p.example.difficulty) for p in kept]
+
+    train = prompts(data.train_files, "train_files")
+    held_out = prompts(data.eval_files, "eval_files") if data.eval_files else train[: min(64, len(train))]
+    reward = MathReward(MathRewardConfig())
+    return Task(train=train, held_out=held_out, tokenizer=tokenizer, reward=_math_reward(reward),
+                stop_token_ids=(tokenizer.eos_id,))
+
+
 def build_task(config: Config, run_dir: Path) -> Task:
     if config.data.task == "synthetic":
         return build_synthetic_task(config, run_dir)
-    raise ValueError("data.task 'math' is wired through ebpo-eval and the math examples; "
-                     "the trainer's math task builder is not implemented yet")
+    return build_math_task(config)
