@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
@@ -37,7 +38,7 @@ def full_init(name: str, shape_hint: dict) -> torch.Tensor:
     return 0.05 * torch.randn(shape, generator=g)
 
 
-def _step(rank, world, tp, pp, micro, agg, shapes):
+def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none"):
     from megatron.core import parallel_state
 
     from ebpo_megatron.models import build_policy
@@ -46,9 +47,10 @@ def _step(rank, world, tp, pp, micro, agg, shapes):
     from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
 
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
-    initialize(parallel, CFG)
+    cfg = dataclasses.replace(CFG, recompute=recompute)
+    initialize(parallel, cfg)
     cpu_compat.set_seed(0)
-    chunks = build_policy(CFG, parallel)
+    chunks = build_policy(cfg, parallel)
     if shapes is None:  # shape discovery run (single process)
         return {n: tuple(t.shape) for n, t in full_weights(chunks).items()}
     assign_full_weights(chunks, lambda n: full_init(n, shapes))
@@ -65,8 +67,8 @@ def _step(rank, world, tp, pp, micro, agg, shapes):
     return {"metrics": metrics, "weights": full_weights(trainer.chunks)}
 
 
-def run_layout(shapes, world, tp, pp, micro, agg="token-mean"):
-    results = run_ranks(_step, world, tp, pp, micro, agg, shapes)
+def run_layout(shapes, world, tp, pp, micro, agg="token-mean", recompute="none"):
+    results = run_ranks(_step, world, tp, pp, micro, agg, shapes, recompute)
     weights = {}
     for r in results:
         weights.update(r["weights"])
@@ -110,3 +112,8 @@ def test_weights_move_and_updates_differ_from_init(single):
     shapes = {n: tuple(t.shape) for n, t in weights.items()}
     moved = max(float((weights[n] - full_init(n, shapes)).abs().max()) for n in weights)
     assert 1e-4 < moved < 1e-2  # one Adam step of lr 1e-3
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recomputation_gives_the_same_step(shapes, single, recompute):
+    assert_same(single["token-mean"], run_layout(shapes, 1, 1, 1, 8, "token-mean", recompute))

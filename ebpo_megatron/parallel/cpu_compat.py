@@ -20,6 +20,8 @@ megatron-core 0.16.1):
 * The local layer spec's ``DotProductAttention`` needs CUDA buffers: :class:`SDPACoreAttention`
   replaces it (see :func:`local_layer_spec`).
 * ``model_parallel_cuda_manual_seed`` needs CUDA: :func:`set_seed` seeds the CPU generators.
+* Activation recomputation saves and restores "the CUDA RNG state" around each recomputed
+  block (tensor_parallel/random.py:55 and :72): here that is the CPU generator's state.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def enable() -> bool:
     torch.Tensor.type = tensor_type  # type: ignore[method-assign]
     torch.Tensor.to = tensor_to  # type: ignore[method-assign]
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _enabled = True
     return True
 
