@@ -47,5 +47,10 @@ setup(
     packages=find_packages(include=["ebpo_megatron", "ebpo_megatron.*"]),
     install_requires=CORE_REQUIREMENTS,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["ebpo-train=ebpo_megatron.train:main"]},
+    entry_points={
+        "console_scripts": [
+            "ebpo-train=ebpo_megatron.train:main",
+            "ebpo-plan=ebpo_megatron.planner:main",
+        ]
+    },
 )

@@ -141,6 +141,13 @@ class RLLoop:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
+    def _stop_agreed(self) -> bool:
+        """True on every rank when any rank received SIGUSR1/SIGTERM (they may see it at
+        different step boundaries; all must take the collective save together)."""
+        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     # ------------------------------------------------------------------ one step
     def sampling_params(self) -> SamplingParams:
         r = self.config.rollout
@@ -241,10 +248,12 @@ class RLLoop:
                     metrics.update(evaluate(self.engine, self.task, self.config))
                 self.logger.log(self.step, metrics)
                 last = metrics
-                if self.step % run.save_every == 0 or self.step == run.steps or self._stop_signal:
+                stopping = self._stop_agreed()
+                if self.step % run.save_every == 0 or self.step == run.steps or stopping:
                     self.save()
-                if self._stop_signal is not None:
-                    raise StopRequested(f"signal {self._stop_signal}: checkpoint saved at step {self.step}")
+                if stopping:
+                    raise StopRequested(f"signal {self._stop_signal or 'on another rank'}: "
+                                        f"checkpoint saved at step {self.step}")
             return last
         finally:
             for s, handler in previous.items():
