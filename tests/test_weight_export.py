@@ -94,12 +94,12 @@ def test_exported_weights_reproduce_megatron_logits_in_transformers(tp, pp):
 
 
 def test_buckets_hold_at_most_the_limit_or_one_larger_tensor():
-    from ebpo_megatron.rollout.weight_export import _buckets
+    from ebpo_megatron.rollout.buckets import iter_buckets
 
     sizes = [10, 300, 40, 40, 40, 1000, 5, 5]  # float32 elements
     tensors = [(f"t{i}", torch.zeros(n)) for i, n in enumerate(sizes)]
     limit = 400  # bytes = 100 elements
-    buckets = list(_buckets(iter(tensors), limit))
+    buckets = list(iter_buckets(iter(tensors), limit, one_dtype=True))
     assert [name for b in buckets for name, _ in b] == [name for name, _ in tensors]
     largest = max(sizes) * 4
     for bucket in buckets:
@@ -107,4 +107,4 @@ def test_buckets_hold_at_most_the_limit_or_one_larger_tensor():
         assert nbytes <= limit or len(bucket) == 1
         assert nbytes <= limit + largest
     mixed = [("a", torch.zeros(2)), ("b", torch.zeros(2, dtype=torch.float64))]
-    assert len(list(_buckets(iter(mixed), 10_000))) == 2  # one dtype per flat bucket
+    assert len(list(iter_buckets(iter(mixed), 10_000, one_dtype=True))) == 2  # one dtype per flat bucket

@@ -45,12 +45,13 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .base import RolloutBatch, RolloutEngine, SamplingParams
+from .buckets import iter_buckets
 
 MIN_VLLM_VERSION = (0, 10, 2)
 VLLM_EXTRA_HINT = "pip install 'ebpo_megatron[vllm]'"
@@ -111,26 +112,6 @@ def check_allocator_conf(conf: str | None) -> None:
 
 
 # ---------------------------------------------------------------- pure helpers
-def iter_buckets(named_tensors: NamedTensors, limit_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group the stream, in order, into lists of at most ``limit_bytes`` bytes; a tensor larger
-    than the limit travels alone. Holds at most one bucket of references at a time."""
-    if limit_bytes < 1:
-        raise ValueError(f"bucket limit: expected >= 1 byte, got {limit_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for item in named_tensors:
-        name, tensor = item
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"weight stream: expected (str, torch.Tensor) pairs, got {type(item)!r}")
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > limit_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
-
 
 def request_seed(base_seed: int, prompt_index: int, n: int) -> int:
     """Seed of prompt ``prompt_index``'s request; vLLM gives its n children seed + 0..n-1, so the

@@ -19,26 +19,13 @@ from megatron.core import parallel_state
 
 from ..models.hf_mapping import Layout, megatron_to_hf
 from ..models.weights import local_parameters, tp_merged
+from .buckets import iter_buckets
 
 
 def _local_tensors(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
     """(global Megatron name, full tensor) for this stage's parameters, one at a time."""
     for global_name, local_name, param in local_parameters(chunks):
         yield global_name, tp_merged(local_name, param)
-
-
-def _buckets(tensors: Iterator[tuple[str, torch.Tensor]], limit_bytes: int):
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and (size + nbytes > limit_bytes or tensor.dtype != bucket[0][1].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def export_hf_weights(
@@ -50,14 +37,14 @@ def export_hf_weights(
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_size = dist.get_world_size(pp_group)
     if pp_size == 1:
-        for bucket in _buckets(_local_tensors(chunks), limit):
+        for bucket in iter_buckets(_local_tensors(chunks), limit, one_dtype=True):
             for name, tensor in bucket:
                 yield from megatron_to_hf(name, tensor, layout)
         return
     my_stage = parallel_state.get_pipeline_model_parallel_rank()
     ranks = dist.get_process_group_ranks(pp_group)
     for stage in range(pp_size):
-        source = _buckets(_local_tensors(chunks), limit) if stage == my_stage else None
+        source = iter_buckets(_local_tensors(chunks), limit, one_dtype=True) if stage == my_stage else None
         while True:
             bucket = next(source, None) if source is not None else None
             header = [[(n, t.shape) for n, t in bucket] if bucket else []]
