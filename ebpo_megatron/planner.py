@@ -780,7 +780,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
             f"{', + embedding' if r.embedding else ''}{', + output' if r.head > i.hidden_size else ''})")
     add("")
     gpu = i.gpu_memory_gib * GiB
-    add(f"memory per GPU (GiB)        " + "".join(f"  stage {s:<3}" for s in shown))
+    add("memory per GPU (GiB)        " + "".join(f"  stage {s:<3}" for s in shown))
     rows = [
         (f"weights ({'fp32' if i.precision == 'fp32' else 'bf16'})", "weights"),
         ("gradients (fp32)", "grads"),

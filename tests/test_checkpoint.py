@@ -3,7 +3,6 @@ trap included), and loading under another TP / DP layout."""
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import pytest
