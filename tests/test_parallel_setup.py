@@ -34,27 +34,6 @@ def test_parallel_config_rules():
         ParallelConfig(virtual_pipeline=1)
 
 
-def _redirects(rank, world):
-    from ebpo_megatron.parallel import cpu_compat
-
-    active = cpu_compat.enable()
-    assert cpu_compat.enable() == active  # idempotent
-    zeros = torch.zeros(3, device="cuda")
-    moved = torch.ones(2).to("cuda")
-    return {
-        "active": active, "zeros_device": str(zeros.device), "moved_device": str(moved.device),
-        "current_device": str(torch.cuda.current_device()), "type": torch.ones(1).type(),
-        "dtype": str(torch.ones(1).dtype), "cuda_self": torch.ones(1).cuda().device.type,
-    }
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the redirects are active only without CUDA")
-def test_cpu_redirects_turn_cuda_calls_into_cpu_ones():
-    out = run_ranks(_redirects, 1)[0]
-    assert out == {"active": True, "zeros_device": "cpu", "moved_device": "cpu", "current_device": "cpu",
-                   "type": "torch.cuda.FloatTensor", "dtype": "torch.float32", "cuda_self": "cpu"}
-
-
 def _attention(rank, world):
     from megatron.core.transformer.enums import AttnMaskType
 

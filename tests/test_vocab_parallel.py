@@ -1,25 +1,68 @@
-"""Vocab-parallel log-probs and entropy (TP = 1, 2, 4 over gloo) against a float64
-full-vocabulary reference: values and gradients, with temperature and padded entries."""
+"""Vocab-parallel log-probs and entropy against a float64 full-vocabulary reference: TP = 1, 2, 4
+spawned gloo ranks on localhost, values and gradients, temperature != 1, padded vocabulary ids."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from mp_utils import run_ranks
-
-VOCAB, PADDED, TEMPERATURE = 37, 40, 0.7
+VOCAB, PADDED, TEMPERATURE = 37, 40, 0.7  # ids 37..39 are padding
 
 
-def inputs():
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, outdir: str, fn: Callable) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        result = {"ok": True, "value": fn(rank, world)}
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent test
+        result = {"ok": False, "error": traceback.format_exc()}
+    with open(os.path.join(outdir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def spawn(fn: Callable, world: int) -> list[Any]:
+    """``fn(rank, world)`` on ``world`` gloo ranks (torch only: no Megatron import)."""
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(_worker, args=(world, _free_port(), outdir, fn), nprocs=world, join=True)
+        results = []
+        for rank in range(world):
+            with open(os.path.join(outdir, f"{rank}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if not res["ok"]]
+    assert not errors, "\n".join(errors)
+    return [res["value"] for res in results]
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     logits = 4.0 * torch.randn(3, 5, PADDED, generator=g, dtype=torch.float64)
+    logits[..., VOCAB:] += 50.0  # large padded logits: any leak of them would show
     targets = torch.randint(0, VOCAB, (3, 5), generator=g)
+    targets[0, :3] = torch.tensor([0, VOCAB - 1, 19])  # first and last real ids, a TP=2 boundary
     weights = torch.randn(3, 5, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
     return logits, targets, weights
 
 
-def reference():
+def reference() -> tuple[torch.Tensor, ...]:
+    """float64, full vocabulary, plain torch: log_softmax over the real ids of z / T."""
     logits, targets, weights = inputs()
     z = logits.clone().requires_grad_(True)
     logp_all = torch.log_softmax(z[..., :VOCAB] / TEMPERATURE, dim=-1)
@@ -30,12 +73,11 @@ def reference():
     return logp.detach(), grad_logp, entropy.detach(), grad_entropy
 
 
-def _shard_and_compute(rank, world):
+def _shard_and_compute(rank: int, world: int) -> dict[str, tuple[torch.Tensor, ...]]:
     import torch.distributed as dist
 
     from ebpo_megatron.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 
-    dist.init_process_group("gloo")
     group = dist.new_group(list(range(world)))
     logits, targets, weights = inputs()
     width = PADDED // world
@@ -43,33 +85,67 @@ def _shard_and_compute(rank, world):
     for dtype in (torch.float32, torch.float64):
         shard = logits[..., rank * width:(rank + 1) * width].to(dtype).clone().requires_grad_(True)
         logp = vocab_parallel_logprobs(shard, targets, group, temperature=TEMPERATURE, vocab_size=VOCAB)
-        (g_logp,) = torch.autograd.grad((logp * weights.to(dtype)).sum(), shard)
+        (g_logp,) = torch.autograd.grad((logp * weights.to(dtype)).sum(), shard, retain_graph=True)
+        (g_again,) = torch.autograd.grad((logp * weights.to(dtype)).sum(), shard)  # retained graph intact
         entropy = vocab_parallel_entropy(shard, group, temperature=TEMPERATURE, vocab_size=VOCAB)
         (g_entropy,) = torch.autograd.grad((entropy * weights.to(dtype)).sum(), shard)
+        assert torch.equal(g_logp, g_again)
         out[str(dtype)] = (logp.detach().double(), g_logp.double(), entropy.detach().double(), g_entropy.double())
     return out
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_matches_full_vocabulary_reference(world):
+def test_matches_full_vocabulary_reference(world: int) -> None:
     ref_logp, ref_g_logp, ref_entropy, ref_g_entropy = reference()
-    results = run_ranks(_shard_and_compute, world)
+    results = spawn(_shard_and_compute, world)
     width = PADDED // world
-    for dtype, tol in (("torch.float64", 1e-10), ("torch.float32", 2e-5)):
+    for dtype, tol in (("torch.float64", 1e-12), ("torch.float32", 2e-5)):
         for rank, result in enumerate(results):
             logp, g_logp, entropy, g_entropy = result[dtype]
             cols = slice(rank * width, (rank + 1) * width)
-            assert torch.allclose(logp, ref_logp, atol=tol * 10), dtype
-            assert torch.allclose(entropy, ref_entropy, atol=tol * 10), dtype
-            assert torch.allclose(g_logp, ref_g_logp[..., cols], atol=tol), dtype
-            assert torch.allclose(g_entropy, ref_g_entropy[..., cols], atol=tol), dtype
-    # padded entries carry no probability and no gradient
-    last = results[-1]["torch.float64"]
-    assert last[1][..., -(PADDED - VOCAB):].abs().max() == 0
+            torch.testing.assert_close(logp, ref_logp, atol=10 * tol, rtol=0)
+            torch.testing.assert_close(entropy, ref_entropy, atol=10 * tol, rtol=0)
+            torch.testing.assert_close(g_logp, ref_g_logp[..., cols], atol=tol, rtol=0)
+            torch.testing.assert_close(g_entropy, ref_g_entropy[..., cols], atol=tol, rtol=0)
+    last_logp_grad = results[-1]["torch.float64"][1]
+    assert last_logp_grad[..., VOCAB - (world - 1) * width:].abs().max() == 0  # padding: no gradient
+    assert ref_entropy.mean() > 0.5 and ref_logp.max() < 0  # the reference is not degenerate
 
 
-def test_temperature_must_be_positive():
+def test_single_rank_without_group_and_gradcheck() -> None:
+    """tp_group=None is the full vocabulary; torch.autograd.gradcheck (finite differences) of
+    both functions in float64, independent of the analytic reference's autograd."""
+    from ebpo_megatron.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+
+    ref_logp, _, ref_entropy, _ = reference()
+    logits, targets, _ = inputs()
+    logp = vocab_parallel_logprobs(logits, targets, None, TEMPERATURE, VOCAB)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-12, rtol=0)
+    torch.testing.assert_close(vocab_parallel_entropy(logits, None, TEMPERATURE, VOCAB), ref_entropy,
+                               atol=1e-12, rtol=0)
+    z = logits[:1, :2].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: vocab_parallel_logprobs(t, targets[:1, :2], None, TEMPERATURE, VOCAB), z)
+    assert torch.autograd.gradcheck(lambda t: vocab_parallel_entropy(t, None, TEMPERATURE, VOCAB), z)
+    # no padding declared: every id counts (here the large padded logits dominate)
+    full = torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(vocab_parallel_logprobs(logits, targets, None, TEMPERATURE), full, atol=1e-12, rtol=0)
+
+
+def test_bfloat16_logits_are_computed_in_float32() -> None:
     from ebpo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
 
-    with pytest.raises(ValueError, match="temperature"):
+    logits, targets, _ = inputs()
+    low = logits.to(torch.bfloat16)
+    logp = vocab_parallel_logprobs(low, targets, None, TEMPERATURE, VOCAB)
+    expected = torch.log_softmax(low.double()[..., :VOCAB] / TEMPERATURE, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_temperature_must_be_positive() -> None:
+    from ebpo_megatron.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+
+    with pytest.raises(ValueError, match="temperature: expected > 0, got 0.0"):
         vocab_parallel_logprobs(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), None, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        vocab_parallel_entropy(torch.zeros(1, 4), None, temperature=-1.0)

@@ -1,46 +1,64 @@
-"""Build Megatron-Core GPTModel chunks from a ModelConfig and a ParallelConfig.
+"""Build Megatron-Core ``GPTModel`` chunks from a :class:`ModelConfig` and a ``ParallelConfig``.
 
-Local spec (``transformer_impl: local``; on CPU its core attention is SDPA, see
-``parallel.cpu_compat``) or Transformer Engine spec; fp32 / bf16 / fp8 (a TE recipe: delayed
-or current scaling). TE and FP8 need the ``gpu`` extra; asking for them without it is a clear
-error naming the extra.
+Layer spec: ``get_gpt_layer_local_spec`` (RMSNorm, ``qk_layernorm`` for QK-norm; without CUDA its
+core attention is SDPA, see ``parallel.cpu_compat``) or the Transformer Engine spec. Precision
+fp32 / bf16 / fp8; for fp8 Megatron builds the TE recipe from ``TransformerConfig.fp8_recipe``
+("delayed" -> ``DelayedScaling``, "tensorwise" -> ``Float8CurrentScaling``), :func:`fp8_recipe`
+returns the same object. Transformer Engine and FP8 need the ``gpu`` extra; asking for them
+without it is an error naming the extra.
+
+Llama-3 RoPE scaling uses Megatron's own ``GPTModel(rope_scaling=True, rope_scaling_factor=s)``.
+Megatron-Core 0.16.1 forwards only the factor (gpt_model.py:166-167); low/high frequency factors
+and the original context length are fixed at Llama 3.1's 1 / 4 / 8192 in
+``RotaryEmbedding._apply_scaling`` (rotary_pos_embedding.py:92-98). Other values are applied by
+calling that same function with them on the base frequencies.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..parallel import cpu_compat
 from ..parallel.distributed import ParallelConfig, padded_vocab_size
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 
-GPU_EXTRA = "pip install 'ebpo_megatron[gpu]' (Transformer Engine; needs CUDA)"
+GPU_EXTRA = "pip install 'ebpo_megatron[gpu]'"
+_MEGATRON_LLAMA3_DEFAULTS = RopeScaling()  # what RotaryEmbedding._apply_scaling assumes
 
 
 def _require_transformer_engine(why: str) -> None:
     try:
         import transformer_engine  # noqa: F401
     except ImportError as err:
-        raise RuntimeError(f"{why} needs Transformer Engine, which is not installed: {GPU_EXTRA}") from err
+        raise RuntimeError(
+            f"{why} needs NVIDIA Transformer Engine, which is not importable here: install the "
+            f"gpu extra, {GPU_EXTRA} (needs a CUDA machine), or use transformer_impl: local with "
+            f"precision fp32/bf16"
+        ) from err
     if not torch.cuda.is_available():
-        raise RuntimeError(f"{why} needs a CUDA GPU (Transformer Engine kernels), none is available")
+        raise RuntimeError(f"{why} needs a CUDA GPU for Transformer Engine's kernels; none is available")
+
+
+def _recompute_kwargs(mode: str | None) -> dict[str, Any]:
+    if mode is None:
+        return {}
+    if mode == "selective":  # core attention only
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig):
-    """Megatron TransformerConfig for the architecture and the precision."""
+    """Megatron ``TransformerConfig`` for the architecture, the layout and the precision."""
     from megatron.core.transformer import TransformerConfig
 
     if model.transformer_impl == "transformer_engine":
         _require_transformer_engine("transformer_impl 'transformer_engine'")
     if model.precision == "fp8":
         _require_transformer_engine("precision 'fp8'")
-    bf16 = model.precision in ("bf16", "fp8")
-    recompute = {} if model.recompute == "none" else (
-        {"recompute_granularity": "selective"} if model.recompute == "selective" else
-        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1})
+    half = model.precision in ("bf16", "fp8")
     fp8 = {} if model.precision != "fp8" else {
         "fp8": "hybrid", "fp8_recipe": "delayed" if model.fp8_recipe == "delayed" else "tensorwise"}
     return TransformerConfig(
@@ -52,7 +70,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         kv_channels=model.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=model.rms_norm_eps,
-        gated_linear_unit=True,
+        gated_linear_unit=True,  # SwiGLU: fc1 = [gate; up], silu(gate) * up
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=bool(model.qkv_bias),
@@ -64,22 +82,35 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         sequence_parallel=parallel.sequence_parallel,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        bf16=bf16,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=cpu_compat.use_cpu_initialization(),
+        params_dtype=torch.bfloat16 if half else torch.float32,
+        bf16=half,
+        pipeline_dtype=torch.bfloat16 if half else torch.float32,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        **recompute,
+        **_recompute_kwargs(model.recompute),
         **fp8,
     )
 
 
+def fp8_recipe(model: ModelConfig, parallel: ParallelConfig | None = None):
+    """The Transformer Engine FP8 recipe Megatron uses for ``model`` (built lazily, needs the
+    gpu extra): ``DelayedScaling`` for fp8_recipe "delayed", ``Float8CurrentScaling`` for
+    "current"."""
+    if model.precision != "fp8":
+        raise ValueError(f"fp8_recipe: model precision is {model.precision!r}, not 'fp8'")
+    config = transformer_config(model, parallel or ParallelConfig())  # raises without TE
+    from megatron.core.fp8_utils import get_fp8_recipe
+
+    return get_fp8_recipe(config)
+
+
 def layer_spec(model: ModelConfig):
+    """Transformer layer ``ModuleSpec``: Transformer Engine, or local with RMSNorm."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -91,27 +122,37 @@ def layer_spec(model: ModelConfig):
     return cpu_compat.adapt_layer_spec(spec)
 
 
-def _llama3_inv_freq(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
-    """HF's ``rope_type: llama3`` frequency scaling (transformers/modeling_rope_utils.py)."""
-    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
+def _apply_rope_scaling(chunk: torch.nn.Module, model: ModelConfig) -> None:
+    """Re-derive the scaled frequencies when the scaling differs from Megatron's fixed 1/4/8192."""
+    scaling = model.rope_scaling
+    fixed = _MEGATRON_LLAMA3_DEFAULTS
+    if scaling is None or (scaling.low_freq_factor, scaling.high_freq_factor,
+                           scaling.original_max_position_embeddings) == (
+            fixed.low_freq_factor, fixed.high_freq_factor, fixed.original_max_position_embeddings):
+        return
+    rope = chunk.rotary_pos_emb
+    dim = 2 * rope.inv_freq.shape[0]
+    device = rope.inv_freq.device
+    base = 1.0 / (model.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        base, factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+        high_freq_factor=scaling.high_freq_factor,
+        original_max_position_embeddings=scaling.original_max_position_embeddings,
+    )
 
 
 def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.Module]:
-    """GPTModel chunks of this rank (one per virtual pipeline stage). Needs Megatron's parallel
-    state (``parallel.initialize``)."""
+    """This rank's ``GPTModel`` chunks (one per virtual pipeline stage, else one).
+
+    Needs Megatron's parallel state (``parallel.initialize``). The output layer covers the padded
+    vocabulary (``padded_vocab_size``); ``chunk.real_vocab_size`` is the real one, logits past it
+    are padding.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    config = transformer_config(model, parallel)  # raises first if the gpu extra is missing
     cpu_compat.enable()
-    config = transformer_config(model, parallel)
     spec = layer_spec(model)
     vocab = padded_vocab_size(model.vocab_size, parallel.tensor_parallel, parallel.vocab_multiple)
     chunks = []
@@ -126,14 +167,12 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             share_embeddings_and_output_weights=model.tie_word_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(model.rope_theta),
+            rotary_base=model.rope_theta,
+            rope_scaling=model.rope_scaling is not None,
+            rope_scaling_factor=model.rope_scaling.factor if model.rope_scaling else 8.0,
             vp_stage=vp,
         )
-        if model.rope_scaling is not None:
-            rope = chunk.rotary_pos_emb
-            dim = rope.inv_freq.shape[0] * 2
-            base = 1.0 / (model.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-            rope.inv_freq = _llama3_inv_freq(base, model.rope_scaling).to(rope.inv_freq.device)
-        chunk.real_vocab_size = model.vocab_size  # logits beyond it are padding
+        _apply_rope_scaling(chunk, model)
+        chunk.real_vocab_size = model.vocab_size
         chunks.append(chunk)
     return chunks

@@ -1,8 +1,10 @@
-"""Process groups, layout validation, vocabulary-parallel log-probs/entropy, CPU compatibility."""
+"""Process groups, layout validation, vocabulary-parallel log-probs/entropy, CPU compatibility
+(``parallel.cpu_compat``, the only CPU-specific module)."""
 
 from .distributed import (
     LaunchInfo,
     ParallelConfig,
+    first_host,
     initialize,
     launch_info,
     padded_vocab_size,
@@ -14,6 +16,7 @@ from .vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 __all__ = [
     "LaunchInfo",
     "ParallelConfig",
+    "first_host",
     "initialize",
     "launch_info",
     "padded_vocab_size",

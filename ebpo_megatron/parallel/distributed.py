@@ -18,6 +18,8 @@ import torch.distributed as dist
 
 @dataclass
 class ParallelConfig:
+    """Model-parallel layout; data parallelism takes the rest of the world (DP = W / (TP·PP))."""
+
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None
@@ -35,6 +37,8 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class LaunchInfo:
+    """Where this process sits in the job and how to reach rank 0."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -43,46 +47,72 @@ class LaunchInfo:
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
-    """The vocabulary rounded up to a multiple of lcm(``multiple``, TP), so every TP rank holds
-    an equal slice of the embedding and output layer. Unlike Megatron-LM's multiple × TP, the
-    padded size does not change with TP when TP divides ``multiple`` (1, 2, 4, ..., 128), so
-    sharded checkpoints move between those TP sizes."""
+    """The vocabulary rounded up to a multiple of lcm(``multiple``, TP).
+
+    Rule: V_pad = ⌈V / m⌉ · m with m = lcm(multiple, TP). Every TP rank then holds an equal
+    slice V_pad / TP of the embedding and the output layer, and the slice stays a multiple of
+    ``multiple`` / gcd(multiple, TP) for efficient kernels. Unlike Megatron-LM's m = multiple ×
+    TP, the padded size does not change with TP when TP divides ``multiple`` (1, 2, 4, ..., 128),
+    so sharded checkpoints move between those TP sizes. Logits of ids ≥ V are padding and must
+    be excluded (``vocab_parallel_logprobs(..., vocab_size=V)``).
+    """
+    if vocab_size < 1 or tensor_parallel < 1 or multiple < 1:
+        raise ValueError(f"padded_vocab_size: expected positive sizes, got vocab {vocab_size}, "
+                         f"tensor_parallel {tensor_parallel}, multiple {multiple}")
     step = math.lcm(multiple, tensor_parallel)
     return -(-vocab_size // step) * step
 
 
-def validate_layout(world_size: int, parallel: ParallelConfig, model: "object") -> int:
-    """Check the TP × PP × DP layout against the world and the model; returns DP.
+def validate_layout(world_size: int, parallel: ParallelConfig, model: object) -> int:
+    """Check the TP × PP × DP layout against the world and the model before anything is
+    created; returns DP = world_size / (TP · PP). Each failure is a ValueError naming the number
+    and the rule. The vocabulary cannot fail: it is padded (:func:`padded_vocab_size`).
 
-    ``model`` needs ``num_attention_heads``, ``num_kv_heads``, ``num_layers``.
+    ``model`` needs ``num_attention_heads``, ``num_kv_heads``, ``num_layers`` (and optionally
+    ``transformer_impl``).
     """
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    if world_size % (tp * pp):
+    if world_size < 1 or world_size % (tp * pp):
         raise ValueError(
-            f"world size {world_size} is not divisible by tensor_parallel × pipeline_parallel = {tp}×{pp} = {tp * pp}"
+            f"world size {world_size} is not divisible by tensor_parallel × pipeline_parallel = "
+            f"{tp}×{pp} = {tp * pp}"
         )
     if model.num_attention_heads % tp:
         raise ValueError(f"num_attention_heads {model.num_attention_heads} is not divisible by tensor_parallel {tp}")
     if model.num_kv_heads % tp:
         raise ValueError(f"num_kv_heads {model.num_kv_heads} is not divisible by tensor_parallel {tp}")
+    if parallel.virtual_pipeline is not None and pp == 1:
+        raise ValueError(f"virtual_pipeline {parallel.virtual_pipeline} needs pipeline_parallel > 1, got 1")
     stages = pp * (parallel.virtual_pipeline or 1)
     if model.num_layers % stages:
         raise ValueError(
             f"num_layers {model.num_layers} is not divisible by pipeline_parallel × virtual_pipeline = {stages}"
         )
+    if parallel.sequence_parallel and getattr(model, "transformer_impl", "local") == "local":
+        raise ValueError(
+            "sequence_parallel needs transformer_impl 'transformer_engine': the local spec's torch "
+            "norm does not support it (megatron/core/transformer/torch_norm.py:32)"
+        )
     return world_size // (tp * pp)
 
 
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def first_host(nodelist: str) -> str:
-    """First hostname of a Slurm node list: 'gpu[003-005,010],cpu1' -> 'gpu003'."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not head:
+    """First hostname of a Slurm node list: 'node[003-005,010],cpu1' -> 'node003'
+    (each bracket expression contributes its first value, zero padding kept)."""
+    entry = _split_top_level(nodelist.strip())[0]
+    if not entry or entry.count("[") != entry.count("]"):
         raise ValueError(f"SLURM_JOB_NODELIST: cannot parse {nodelist!r}")
-    prefix, _, ranges = head.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], entry)
 
 
 def _free_port() -> int:
@@ -106,19 +136,21 @@ def launch_info(env: dict[str, str] | None = None) -> LaunchInfo:
     return LaunchInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port())
 
 
-def initialize(parallel: ParallelConfig, model: "object", info: LaunchInfo | None = None) -> int:
+def initialize(parallel: ParallelConfig, model: object, info: LaunchInfo | None = None) -> int:
     """Validate, create the default process group (nccl on GPU, gloo on CPU) and Megatron's
     model-parallel groups; returns the data-parallel size."""
     from megatron.core import parallel_state
 
     info = info or launch_info()
-    dp = validate_layout(info.world_size, parallel, model)
+    world_size = dist.get_world_size() if dist.is_initialized() else info.world_size
+    dp = validate_layout(world_size, parallel, model)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank)
+        host = f"[{info.master_addr}]" if ":" in info.master_addr else info.master_addr  # IPv6
         dist.init_process_group(
-            backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
+            backend, init_method=f"tcp://{host}:{info.master_port}",
             rank=info.rank, world_size=info.world_size,
         )
     parallel_state.initialize_model_parallel(
