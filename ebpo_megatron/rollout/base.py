@@ -66,7 +66,16 @@ class RolloutBatch:
 
 
 class RolloutEngine(abc.ABC):
-    """Generates responses; receives weights from the trainer; frees memory between phases."""
+    """Generates responses; receives weights from the trainer; frees memory between phases.
+
+    ``owns_weights`` False (the native engine): generation runs on the trainer's own model, so
+    the TP ranks of a data-parallel rank generate its prompts together and no sync is needed.
+    True (vLLM): the engine keeps its own copy of the weights, which the trainer sends with
+    ``update_weights`` after every ``wake``, and each process (or TP block of processes)
+    generates on its own, so the trainer spreads a step's prompts over all processes.
+    """
+
+    owns_weights: bool = False
 
     @abc.abstractmethod
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:

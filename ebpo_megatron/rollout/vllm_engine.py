@@ -308,6 +308,8 @@ class _VLLMBackend:
 class VLLMEngine(RolloutEngine):
     """Colocated vLLM engine with an explicit train/generate memory phase (module docstring)."""
 
+    owns_weights = True
+
     def __init__(self, model_dir: str | Path, *, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool = False,
                  load_format: str = "dummy", dtype: str = "auto", seed: int = 0,

@@ -11,12 +11,13 @@ positions in the whole step, so the estimator can merge a prompt's statistics ac
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,9 @@ from megatron.core import parallel_state
 
 from ..algorithms import EBPOPrior, compute_advantages, groups_with_signal, overlong_penalty
 from ..config.schema import Config
+from ..models.hf_mapping import Layout
 from ..rollout.base import RolloutEngine, SamplingParams
+from ..rollout.weight_export import export_hf_weights
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .policy_trainer import PolicyTrainer
 from .rollout_batch import build_policy_batch
@@ -69,11 +72,48 @@ def _dp_mean(values: dict[str, float], weights: float = 1.0) -> dict[str, float]
     return {k: float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
 
 
+Row = tuple[int, list[int], list[int], list[float], str, str, float]  # prompt, ids, resp, logp, finish, text, score
+
+
+def _generate_and_score(engine: RolloutEngine, task: Task, prompts: list[TaskPrompt],
+                        params: SamplingParams) -> tuple[list[Row], dict[str, float]]:
+    """One row per response; the first field is the index of its prompt in ``prompts``."""
+    batch = engine.generate([list(p.token_ids) for p in prompts], params)
+    texts = [task.tokenizer.decode(r) for r in batch.response_ids]
+    scores, stats = task.reward(texts, [prompts[int(g)].answer for g in batch.group_ids])
+    rows = list(zip(batch.group_ids.tolist(), batch.prompt_ids, batch.response_ids, batch.logprobs,
+                    batch.finish_reasons, texts, scores))
+    return rows, {**stats, **batch.stats}
+
+
+def _spread_over_processes(engine: RolloutEngine, task: Task, prompts: list[TaskPrompt], start: int, count: int,
+                           params: SamplingParams) -> tuple[list[Row], dict[str, float]]:
+    """Engines that own their weights (vLLM): the step's P prompts are cut into W contiguous
+    slices (W = world size), process r generates and scores slice r, and every process then takes
+    the rows of its data-parallel share [start, start + count). No prompt is generated twice, also
+    when DP is smaller than the number of engines (e.g. TP = 8, DP = 1, eight vLLM engines)."""
+    from .batching import minibatch_slices
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if len(prompts) < world:
+        raise ValueError(f"{len(prompts)} prompts for {world} processes: the {type(engine).__name__} engine gives "
+                         f"every process a share; raise data.prompts_per_step (and the held-out set) to >= {world}")
+    part = minibatch_slices(len(prompts), world)[rank]
+    rows, stats = _generate_and_score(engine, task, prompts[part],
+                                      SamplingParams(**{**params.__dict__, "seed": params.seed + 104729 * rank}))
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, ([(part.start + r[0], *r[1:]) for r in rows], stats))
+    mine = [(r[0] - start, *r[1:]) for share, _ in gathered for r in share if start <= r[0] < start + count]
+    keys = set().union(*(s for _, s in gathered))
+    mean_stats = {k: sum(s.get(k, 0.0) for _, s in gathered) / world for k in keys}
+    return mine, mean_stats
+
+
 def rollout_share(
     engine: RolloutEngine, task: Task, prompts: list[TaskPrompt], first_group_id: int,
     params: SamplingParams,
 ) -> StepRollout:
-    """Generate and score this rank's share of ``prompts`` (the whole step's list)."""
+    """Generate and score this data-parallel rank's share of ``prompts`` (the whole step's list)."""
     rank, size, _ = _dp()
     per_rank = -(-len(prompts) // size)
     mine = prompts[rank * per_rank: (rank + 1) * per_rank]
@@ -81,14 +121,15 @@ def rollout_share(
         raise ValueError(
             f"data.prompts_per_step ({len(prompts)}) leaves data-parallel rank {rank} without prompts"
         )
-    batch = engine.generate([list(p.token_ids) for p in mine], params)
-    texts = [task.tokenizer.decode(r) for r in batch.response_ids]
-    answers = [mine[int(g)].answer for g in batch.group_ids]
-    scores, stats = task.reward(texts, answers)
-    group_ids = batch.group_ids + first_group_id + rank * per_rank
-    return StepRollout(mine, batch.prompt_ids, batch.response_ids, batch.logprobs,
-                       batch.finish_reasons, group_ids, torch.tensor(scores, dtype=torch.float32),
-                       {**stats, **batch.stats}, texts, answers)
+    if engine.owns_weights:
+        rows, stats = _spread_over_processes(engine, task, prompts, rank * per_rank, len(mine), params)
+    else:
+        rows, stats = _generate_and_score(engine, task, mine, params)
+    index, prompt_ids, response_ids, logprobs, reasons, texts, scores = (list(c) for c in zip(*rows))
+    group_ids = torch.tensor(index, dtype=torch.long) + first_group_id + rank * per_rank
+    return StepRollout(mine, prompt_ids, response_ids, logprobs, reasons, group_ids,
+                       torch.tensor(scores, dtype=torch.float32), stats, texts,
+                       [mine[i].answer for i in index])
 
 
 def evaluate(engine: RolloutEngine, task: Task, config: Config) -> dict[str, float]:
@@ -149,6 +190,20 @@ class RLLoop:
         return bool(flag.item())
 
     # ------------------------------------------------------------------ one step
+    @contextlib.contextmanager
+    def generation_phase(self) -> Iterator[None]:
+        """Wake the engine (and send it the current weights if it keeps its own copy), then
+        put it back to sleep for training."""
+        self.engine.wake()
+        try:
+            if self.engine.owns_weights:
+                self.engine.update_weights(export_hf_weights(
+                    self.trainer.chunks, Layout.from_model_config(self.config.model),
+                    bucket_mb=self.config.rollout.vllm.sync_bucket_mb))
+            yield
+        finally:
+            self.engine.sleep()
+
     def sampling_params(self) -> SamplingParams:
         r = self.config.rollout
         rank, _, _ = _dp()
@@ -197,9 +252,8 @@ class RLLoop:
     def run_step(self) -> dict[str, float]:
         self.step += 1
         start = time.perf_counter()
-        self.engine.wake()
-        shares, sampling = self.collect()
-        self.engine.sleep()
+        with self.generation_phase():
+            shares, sampling = self.collect()
         rollout_seconds = time.perf_counter() - start
         _, _, group = _dp()
         merged = _merge(shares)
@@ -229,6 +283,7 @@ class RLLoop:
         metrics = {
             **_dp_mean(local, weights=float(len(lengths))),
             **adv_metrics, **train_metrics, **(sampling if algo.dynamic_sampling else {}),
+            **getattr(self.engine, "last_sync_stats", {}),
             "perf/rollout_s": rollout_seconds,
             "perf/step_s": time.perf_counter() - start,
         }
@@ -240,12 +295,14 @@ class RLLoop:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
         try:
             if self.step == 0:
-                self.logger.log(0, evaluate(self.engine, self.task, self.config))
+                with self.generation_phase():
+                    self.logger.log(0, evaluate(self.engine, self.task, self.config))
             last: dict[str, float] = {}
             while self.step < run.steps:
                 metrics = self.run_step()
                 if self.step % run.eval_every == 0 or self.step == run.steps:
-                    metrics.update(evaluate(self.engine, self.task, self.config))
+                    with self.generation_phase():
+                        metrics.update(evaluate(self.engine, self.task, self.config))
                 self.logger.log(self.step, metrics)
                 last = metrics
                 stopping = self._stop_agreed()

@@ -59,12 +59,29 @@ def _sft_batches(task: Task, config: Config) -> list:
     return batches
 
 
+def _vllm_model_dir(config: Config) -> Path:
+    """The HF directory vLLM starts from: config.json of the policy's architecture only (weights
+    come from the trainer at every wake; prompts arrive as token ids, so no tokenizer)."""
+    from ..conversion.hf_config import hf_config_from_model_config
+
+    directory = config.run.run_dir / "vllm_model"
+    if _is_rank0():
+        directory.mkdir(parents=True, exist_ok=True)
+        hf_config_from_model_config(config.model).save_pretrained(directory)
+    dist.barrier()
+    return directory
+
+
 def _make_engine(config: Config, trainer: PolicyTrainer, task: Task):
     if config.rollout.engine == "vllm":
-        raise ValueError(
-            "rollout.engine 'vllm': the colocated engine (rollout/vllm_engine.py) is not wired into "
-            "the trainer yet; use rollout.engine: native"
-        )
+        from ..rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine.from_config(
+            config.rollout.vllm, _vllm_model_dir(config), seed=config.run.seed,
+            dtype="float32" if config.model.precision == "fp32" else "bfloat16",
+            max_model_len=config.model.max_position_embeddings,
+            gather_prompts=config.rollout.vllm.tensor_parallel > 1,
+            engine_kwargs={"skip_tokenizer_init": True})
     return NativeEngine(trainer.chunks[0].module, pad_token_id=task.tokenizer.pad_id,
                         max_sequence_length=config.model.max_position_embeddings,
                         max_batch_size=config.rollout.max_batch_size)
