@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ebpo_megatron.models import ModelConfig, RopeScaling
+from megatron_forward import megatron_logits
 from mp_utils import run_ranks
 
 FAMILIES = {
@@ -45,26 +46,7 @@ def _export(rank, world, tp, pp, bucket_mb):
                 if "norm" in name or name.endswith("bias"):
                     param.add_(0.3 * torch.randn_like(param))
         tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
-        logits = None
-        with torch.no_grad():
-            output = chunks[0](tokens, torch.arange(9).expand(2, 9), None) if pp == 1 else None
-        if pp > 1:  # run the pipeline forward through Megatron's schedule
-            from megatron.core.pipeline_parallel import get_forward_backward_func
-
-            chunks[0].config.variable_seq_lengths = True
-
-            def step(it, model):
-                t = next(it)
-                return model(t, torch.arange(9).expand(2, 9), None), lambda o: (o.sum() * 0, {"logits": o})
-
-            collected = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([tokens]),
-                                                    model=chunks, num_microbatches=1, seq_length=9,
-                                                    micro_batch_size=2, forward_only=True)
-            output = collected[0]["logits"] if collected else None
-        if output is not None:
-            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-            logits = gather_from_tensor_model_parallel_region(output)[..., : cfg.vocab_size]
+        logits = megatron_logits(chunks, tokens, cfg.vocab_size)
         exported = {}
         for name, tensor in export_hf_weights(chunks, Layout.from_model_config(cfg), bucket_mb=bucket_mb):
             assert name not in exported, name

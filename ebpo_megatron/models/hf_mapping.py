@@ -105,6 +105,15 @@ _LAYER_SIMPLE = {
 }
 
 
+def _layer_parts(name: str) -> tuple[str, str]:
+    """(HF prefix ``model.layers.<i>.``, Megatron suffix) of a global layer parameter name."""
+    match = _LAYER.match(name)
+    if not match:
+        raise KeyError(f"{name}: no Hugging Face mapping for this Megatron parameter")
+    layer, suffix = match.groups()
+    return f"model.layers.{layer}.", suffix
+
+
 def _split_qkv(tensor: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     d, g, qg = layout.head_dim, layout.num_kv_heads, layout.q_per_group
     grouped = tensor.reshape(g, (qg + 2) * d, *tensor.shape[1:])
@@ -132,11 +141,7 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, layout: Layout) -> list[tupl
         return [] if layout.tie_word_embeddings else [("lm_head.weight", tensor[: layout.vocab_size])]
     if name == "decoder.final_layernorm.weight":
         return [("model.norm.weight", tensor)]
-    match = _LAYER.match(name)
-    if not match:
-        raise KeyError(f"{name}: no Hugging Face mapping for this Megatron parameter")
-    layer, suffix = match.groups()
-    prefix = f"model.layers.{layer}."
+    prefix, suffix = _layer_parts(name)
     if suffix in _LAYER_SIMPLE:
         return [(prefix + _LAYER_SIMPLE[suffix], tensor)]
     if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
@@ -165,11 +170,7 @@ def hf_to_megatron(
         return torch.cat([weight, pad], dim=0)
     if name == "decoder.final_layernorm.weight":
         return get_hf("model.norm.weight")
-    match = _LAYER.match(name)
-    if not match:
-        raise KeyError(f"{name}: no Hugging Face mapping for this Megatron parameter")
-    layer, suffix = match.groups()
-    prefix = f"model.layers.{layer}."
+    prefix, suffix = _layer_parts(name)
     if suffix in _LAYER_SIMPLE:
         return get_hf(prefix + _LAYER_SIMPLE[suffix])
     if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
@@ -189,19 +190,29 @@ def global_layer_name(local_name: str, layer_offset: int) -> str:
     return f"decoder.layers.{int(match.group(1)) + layer_offset}.{match.group(2)}"
 
 
-def expected_hf_names(layout: Layout) -> Iterator[str]:
-    """Every tensor name of the matching HF checkpoint (for completeness checks)."""
-    yield "model.embed_tokens.weight"
+def expected_hf_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the matching HF checkpoint and its shape, in checkpoint order."""
+    h, f, d = layout.hidden_size, layout.ffn_hidden_size, layout.head_dim
+    q, kv = layout.num_heads * d, layout.num_kv_heads * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (layout.vocab_size, h)}
     for i in range(layout.num_layers):
         p = f"model.layers.{i}."
-        yield from (p + "input_layernorm.weight", p + "post_attention_layernorm.weight")
-        for proj in "qkvo":
-            yield f"{p}self_attn.{proj}_proj.weight"
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)})
         if layout.qkv_bias:
-            yield from (f"{p}self_attn.{proj}_proj.bias" for proj in "qkv")
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
         if layout.qk_norm:
-            yield from (p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight")
-        yield from (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight")
-    yield "model.norm.weight"
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+        shapes.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                       p + "mlp.down_proj.weight": (h, f)})
+    shapes["model.norm.weight"] = (h,)
     if not layout.tie_word_embeddings:
-        yield "lm_head.weight"
+        shapes["lm_head.weight"] = (layout.vocab_size, h)
+    return shapes
+
+
+def expected_hf_names(layout: Layout) -> Iterator[str]:
+    """Every tensor name of the matching HF checkpoint (for completeness checks)."""
+    yield from expected_hf_shapes(layout)
