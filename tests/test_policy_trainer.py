@@ -38,7 +38,7 @@ def full_init(name: str, shape_hint: dict) -> torch.Tensor:
     return 0.05 * torch.randn(shape, generator=g)
 
 
-def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none"):
+def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="given"):
     from megatron.core import parallel_state
 
     from ebpo_megatron.models import build_policy
@@ -56,9 +56,12 @@ def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none"):
     assign_full_weights(chunks, lambda n: full_init(n, shapes))
     trainer = PolicyTrainer(
         chunks, OptimConfig(lr=1e-3, adam_eps=1e-3, weight_decay=0.01, clip_grad=1.0),
-        LossConfig(kl_coef=0.0, agg=agg), StepConfig(micro_batch_size=micro, step_kl=False),
+        LossConfig(kl_coef=0.0, agg=agg),
+        StepConfig(micro_batch_size=micro, step_kl=False, old_logp="rollout" if old_logp == "rollout" else "recompute"),
     )
     batch = fixed_batch()
+    if old_logp == "rollout":  # the same π_old, arriving as the engine's sampling log-probs
+        batch = dataclasses.replace(batch, old_logp=None, rollout_logp=batch.old_logp)
     dp = parallel_state.get_data_parallel_world_size()
     share = BATCH // dp
     mine = batch.select(slice(parallel_state.get_data_parallel_rank() * share,
@@ -67,8 +70,8 @@ def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none"):
     return {"metrics": metrics, "weights": full_weights(trainer.chunks)}
 
 
-def run_layout(shapes, world, tp, pp, micro, agg="token-mean", recompute="none"):
-    results = run_ranks(_step, world, tp, pp, micro, agg, shapes, recompute)
+def run_layout(shapes, world, tp, pp, micro, agg="token-mean", recompute="none", old_logp="given"):
+    results = run_ranks(_step, world, tp, pp, micro, agg, shapes, recompute, old_logp)
     weights = {}
     for r in results:
         weights.update(r["weights"])
@@ -117,3 +120,10 @@ def test_weights_move_and_updates_differ_from_init(single):
 @pytest.mark.parametrize("recompute", ["selective", "full"])
 def test_activation_recomputation_gives_the_same_step(shapes, single, recompute):
     assert_same(single["token-mean"], run_layout(shapes, 1, 1, 1, 8, "token-mean", recompute))
+
+
+def test_old_logp_from_the_rollout_equals_the_given_old_logp(shapes, single):
+    """``train.step.old_logp: rollout`` takes π_old from the engine's log-probs, no extra pass."""
+    metrics, weights = run_layout(shapes, 1, 1, 1, 8, old_logp="rollout")
+    assert_same(single["token-mean"], (metrics, weights))
+    assert "rollout/logp_diff_mean" not in metrics

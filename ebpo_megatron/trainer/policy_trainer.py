@@ -108,6 +108,10 @@ class StepConfig:
     temperature: float = 1.0
     step_kl: bool = True
     peak_tflops: float | None = None  # per device, for MFU; None: report TFLOP/s only
+    # π_old of the PPO ratio: "recompute" (a forward pass of the trainer, verl's default) or
+    # "rollout" (the engine's sampling log-probs; saves that pass when the engine computes the
+    # same distribution, e.g. the native engine in fp32, at the cost of the mismatch metric)
+    old_logp: Literal["recompute", "rollout"] = "recompute"
 
     def __post_init__(self) -> None:
         if (self.micro_batch_size is None) == (self.max_tokens_per_microbatch is None):
@@ -281,9 +285,13 @@ class PolicyTrainer:
         """Update the policy on this rank's share of one RL step; returns step metrics
         (identical on every rank of the last pipeline stage)."""
         start = time.perf_counter()
-        if batch.old_logp is None:
+        if batch.old_logp is None and self.step_cfg.old_logp == "rollout":
+            if batch.rollout_logp is None:
+                raise ValueError("train.step.old_logp 'rollout': the batch carries no rollout log-probs")
+            batch = batch.with_logps(old_logp=batch.rollout_logp)
+        elif batch.old_logp is None:
             batch = batch.with_logps(old_logp=self.logprobs(batch))
-        mismatch = self._rollout_mismatch(batch)
+        mismatch = self._rollout_mismatch(batch) if self.step_cfg.old_logp == "recompute" else {}
         if self.loss_cfg.kl_coef > 0 and batch.ref_logp is None:
             batch = batch.with_logps(ref_logp=self.logprobs(batch, reference=True))
         for c in self.chunks:
@@ -315,7 +323,7 @@ class PolicyTrainer:
         seconds = time.perf_counter() - start
         tokens_step, = self._dp_sum(trained_tokens)
         forward_tokens, = self._dp_sum(float(batch.lengths.sum()))
-        passes = 1 + (self.loss_cfg.kl_coef > 0) + self.step_cfg.step_kl
+        passes = (self.step_cfg.old_logp == "recompute") + (self.loss_cfg.kl_coef > 0) + self.step_cfg.step_kl
         flops = 6.0 * self.num_params * tokens_step + 2.0 * self.num_params * forward_tokens * passes
         out["perf/tokens_per_s"] = tokens_step / seconds
         out["perf/tflops"] = flops / seconds / 1e12
