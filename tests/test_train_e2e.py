@@ -99,6 +99,8 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(straight, tmp_pa
     for step in range(1, 7):
         assert comparable(got[step]) == pytest.approx(comparable(want[step]), rel=1e-6, abs=1e-9), step
     assert got[6]["actor/param_norm"] == pytest.approx(want[6]["actor/param_norm"], rel=1e-9)
+    # rows the killed run wrote after its checkpoint were dropped: every step appears once
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(7))
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

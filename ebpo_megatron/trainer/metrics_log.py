@@ -41,6 +41,7 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        self._trim_after(start_step)
         self.start = time.time()
         self._wandb = self._start_wandb(wandb_mode, project, config) if wandb_mode != "disabled" else None
         self._tb = self._start_tensorboard() if tensorboard else None
@@ -49,6 +50,17 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="EBPO", dynamic_ncols=True,
                         mininterval=0.5)
         self.bar_values: dict[str, float] = {}
+
+    def _trim_after(self, start_step: int) -> None:
+        """Drop rows a previous process logged after its last checkpoint (step > ``start_step``;
+        a fresh run, ``start_step`` 0, starts an empty file): the resumed run logs those steps
+        again, and the file must hold each step once."""
+        if not self.path.is_file():
+            return
+        kept = [row for row in read_metrics(self.path) if 0 < start_step and row.get("step", 0) <= start_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.path)
 
     def _start_wandb(self, mode: str, project: str, config: dict | None) -> Any:
         try:
