@@ -3,7 +3,7 @@
     run        names, seeds, step counts, checkpoint and logging cadence
     model      architecture (``models.config.ModelConfig``)
     parallel   TP / PP / DP layout (``parallel.distributed.ParallelConfig``)
-    data       the prompt stream: embedded synthetic task or math files, curriculum order
+    data       the prompt stream: embedded synthetic task, chat arithmetic or math files, curriculum order
     rollout    engine and sampling (G = ``rollout.n``)
     algorithm  advantage estimator, DAPO sampling options, the PPO loss
     train      how a step's batch is used (epochs, mini/micro-batches), the optimizer
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..algorithms import list_estimators
+from ..data.chat_arithmetic import DEFAULT_INSTRUCTION, LEVEL_TOPICS
 from ..models.config import ModelConfig
 from ..parallel.distributed import ParallelConfig
 from ..trainer.policy_trainer import LossConfig, OptimConfig, StepConfig
@@ -59,8 +60,29 @@ class SyntheticTaskConfig:
 
 
 @dataclass
+class ChatArithConfig:
+    """``data.task: chat_arith`` (data/chat_arithmetic.py): chat-template arithmetic questions."""
+
+    num_train: int = 2000
+    num_eval: int = 200
+    levels: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    instruction: str = DEFAULT_INSTRUCTION
+    format_reward: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("num_train", "num_eval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.chat_arith.{key}: expected >= 1, got {getattr(self, key)}")
+        if not self.levels or not set(self.levels) <= set(LEVEL_TOPICS):
+            raise ConfigError(f"data.chat_arith.levels: expected a non-empty subset of {sorted(LEVEL_TOPICS)}, "
+                              f"got {self.levels}")
+        if not 0.0 <= self.format_reward < 1.0:  # pass@1 counts reward >= 1 as correct
+            raise ConfigError(f"data.chat_arith.format_reward: expected 0 <= value < 1, got {self.format_reward}")
+
+
+@dataclass
 class DataConfig:
-    task: Literal["synthetic", "math"] = "synthetic"
+    task: Literal["synthetic", "math", "chat_arith"] = "synthetic"
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     tokenizer_dir: str | None = None
@@ -68,12 +90,15 @@ class DataConfig:
     prompts_per_step: int = 16
     max_prompt_tokens: int = 256
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+    chat_arith: ChatArithConfig = field(default_factory=ChatArithConfig)
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1:
             raise ConfigError(f"data.prompts_per_step: expected >= 1, got {self.prompts_per_step}")
         if self.task == "math" and not self.train_files:
             raise ConfigError("data.train_files: task 'math' needs at least one jsonl/parquet file")
+        if self.task == "chat_arith" and not self.tokenizer_dir:
+            raise ConfigError("data.tokenizer_dir: task 'chat_arith' needs a local Hugging Face tokenizer directory")
 
 
 @dataclass

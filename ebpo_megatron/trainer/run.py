@@ -165,6 +165,10 @@ def _run(config: Config, started: float) -> dict[str, Any]:
             "wall_seconds": round(time.time() - started, 1),
             "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")),
         }
+        if task.strict_reward is not None:  # boxed = strict (boxed-only) accuracy, lenient = pass@1
+            for name, key in (("boxed", "eval/strict_pass@1"), ("lenient", "eval/pass@1")):
+                summary[f"heldout_{name}_acc_start"] = evals[0].get(key) if evals else None
+                summary[f"heldout_{name}_acc_end"] = evals[-1].get(key) if evals else None
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"held-out pass@1: {summary['heldout_pass@1_start']:.3f} (start) -> "
               f"{summary['heldout_pass@1_end']:.3f} (end); {summary['wall_seconds']} s; "

@@ -43,4 +43,5 @@ class Task:
     reward: RewardFn
     stop_token_ids: tuple[int, ...]
     sft_pairs: list[tuple[list[int], list[int]]] = field(default_factory=list)
-    strict_reward: RewardFn | None = None  # e.g. boxed-only accuracy, reported beside the reward
+    # e.g. boxed-only correctness: evaluate() reports the fraction scoring >= 1 as eval/strict_pass@1
+    strict_reward: RewardFn | None = None

@@ -1,5 +1,6 @@
 """Build the run's :class:`Task` from the config: the embedded arithmetic task (tokenizer
-trained in the run directory on first use) or math problems from jsonl/parquet files."""
+trained in the run directory on first use), chat-template arithmetic for an instruction-tuned
+model, or math problems from jsonl/parquet files."""
 
 from __future__ import annotations
 
@@ -103,7 +104,36 @@ def build_math_task(config: Config) -> Task:
                 stop_token_ids=(tokenizer.eos_id,))
 
 
+def build_chat_arith_task(config: Config) -> Task:
+    """Generated arithmetic questions in the tokenizer's chat template (data/chat_arithmetic.py):
+    lenient reward with a format bonus, strict boxed-only accuracy reported beside it."""
+    from ..data import chat_arithmetic as ca
+    from ..data.math_prompts import load_tokenizer
+
+    data, cfg = config.data, config.data.chat_arith
+    tokenizer = HFTokenizer(load_tokenizer(data.tokenizer_dir))
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"model.vocab_size {config.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} ({data.tokenizer_dir}): wrong tokenizer for this model?")
+    train, held_out = ca.make_split(cfg.levels, cfg.num_train, cfg.num_eval, config.run.seed)
+
+    def prompts(problems: list[ca.ChatArithProblem]) -> list[TaskPrompt]:
+        ids = ca.render_prompts(problems, tokenizer.tokenizer, cfg.instruction)
+        longest = max(len(i) for i in ids)
+        if longest > data.max_prompt_tokens:
+            raise ValueError(f"data.max_prompt_tokens {data.max_prompt_tokens}: chat_arith prompts take "
+                             f"up to {longest} tokens")
+        return [TaskPrompt(p.uid, i, p.answer, p.topic, p.difficulty) for p, i in zip(problems, ids)]
+
+    reward = ca.make_reward(cfg.format_reward)
+    return Task(train=prompts(train), held_out=prompts(held_out), tokenizer=tokenizer,
+                reward=_math_reward(reward), stop_token_ids=(tokenizer.eos_id,),
+                strict_reward=lambda responses, answers: (ca.strict_scores(reward, responses, answers), {}))
+
+
 def build_task(config: Config, run_dir: Path) -> Task:
     if config.data.task == "synthetic":
         return build_synthetic_task(config, run_dir)
+    if config.data.task == "chat_arith":
+        return build_chat_arith_task(config)
     return build_math_task(config)
