@@ -33,6 +33,8 @@ EXTRAS = {
         "tokenizers>=0.21",
         "tiktoken>=0.7",
     ],
+    # the real-model demo (`make real`): tools/fetch_smollm2.py reads a GGUF file with transformers
+    "smollm2": ["gguf>=0.10", "accelerate>=1.0", "transformers>=5.0"],
     # tests compare against Hugging Face `transformers` models built from configs (no download)
     "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "transformers>=4.51", "safetensors>=0.4"],
 }
@@ -51,6 +53,7 @@ setup(
         "console_scripts": [
             "ebpo-train=ebpo_megatron.train:main",
             "ebpo-plan=ebpo_megatron.planner:main",
+            "ebpo-eval=ebpo_megatron.evaluation.cli:main",
         ]
     },
 )

@@ -433,15 +433,3 @@ def test_label_topics_cli(tmp_path):
     assert Counter(r["topic"] for r in map(json.loads, kept.read_text().splitlines())) == Counter(
         r["topic"] for r in map(json.loads, JSONL.read_text().splitlines())
     )
-
-
-def test_label_topics_model_mode_is_refused(tmp_path):
-    tool = ROOT / "tools" / "label_topics.py"
-    run = subprocess.run(
-        [sys.executable, str(tool), "--in", str(JSONL), "--out", str(tmp_path / "o.jsonl"), "--model", "x"],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 2
-    assert "--model needs the rollout engine (not yet available)" in run.stderr
-    assert not (tmp_path / "o.jsonl").exists()

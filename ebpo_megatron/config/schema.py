@@ -184,6 +184,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
+    def __post_init__(self) -> None:
+        if self.train.step.temperature != self.rollout.temperature:
+            raise ConfigError(
+                f"train.step.temperature ({self.train.step.temperature}) must equal rollout.temperature "
+                f"({self.rollout.temperature}): the PPO ratio compares log-probs of the distribution "
+                "that was sampled")
+
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML ``path`` (None: all defaults), apply ``a.b=value`` overrides, validate."""
