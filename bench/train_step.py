@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from bench_model import add_model_args, bench_config, describe, hf_model, load_hf_weights
 from ebpo_megatron.algorithms import entropy_from_logits, policy_loss
 
 
@@ -25,7 +26,7 @@ def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
     return PolicyBatch(tokens, torch.full((batch,), length), mask, torch.randn(batch, generator=g), old_logp=old)
 
 
-def megatron_steps(cfg, batch, steps: int, micro: int) -> float:
+def megatron_steps(cfg, hf_dir, batch, steps: int, micro: int) -> float:
     from ebpo_megatron.models import build_policy
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize, launch_info, shutdown
     from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
@@ -34,6 +35,8 @@ def megatron_steps(cfg, batch, steps: int, micro: int) -> float:
     try:
         cpu_compat.set_seed(0)
         chunks = build_policy(cfg, ParallelConfig())
+        if hf_dir is not None:
+            load_hf_weights(chunks, cfg, hf_dir)
         trainer = PolicyTrainer(chunks, OptimConfig(lr=1e-5), LossConfig(kl_coef=0.0),
                                 StepConfig(micro_batch_size=micro, step_kl=False))
         trainer.train_step(batch)  # warm-up
@@ -45,15 +48,8 @@ def megatron_steps(cfg, batch, steps: int, micro: int) -> float:
         shutdown()
 
 
-def hf_steps(cfg, batch, steps: int, micro: int) -> float:
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=False, attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(config).float().train()
+def hf_steps(cfg, hf_dir, batch, steps: int, micro: int) -> float:
+    model = hf_model(cfg, hf_dir).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     total_tokens = float(batch.loss_mask.sum())
 
@@ -84,20 +80,16 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    add_model_args(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from ebpo_megatron.models import ModelConfig
 
-    cfg = ModelConfig(num_layers=6, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8, num_kv_heads=4,
-                      vocab_size=8192, max_position_embeddings=args.length)
+    cfg = bench_config(args.hf, args.length)
     batch = make_batch(cfg.vocab_size, args.batch, args.length)
-    params = 2 * cfg.vocab_size * cfg.hidden_size + cfg.num_layers * (
-        cfg.hidden_size * (cfg.hidden_size + 2 * cfg.num_kv_heads * cfg.kv_channels) + cfg.hidden_size ** 2
-        + 3 * cfg.hidden_size * cfg.ffn_hidden_size)
     tokens = args.batch * args.length
-    t_mc = megatron_steps(cfg, batch, args.steps, args.micro)
-    t_hf = hf_steps(cfg, batch, args.steps, args.micro)
-    print(f"model ~{params / 1e6:.1f}M parameters, batch {args.batch} x {args.length} tokens, "
+    t_mc = megatron_steps(cfg, args.hf, batch, args.steps, args.micro)
+    t_hf = hf_steps(cfg, args.hf, batch, args.steps, args.micro)
+    print(f"{describe(cfg, args.hf)}, batch {args.batch} x {args.length} tokens, "
           f"{args.micro} sequences per micro-batch, {args.threads} threads")
     print(f"HF transformers + torch AdamW : {t_hf:7.3f} s/step  {tokens / t_hf:8.0f} tokens/s")
     print(f"ebpo_megatron (Megatron-Core) : {t_mc:7.3f} s/step  {tokens / t_mc:8.0f} tokens/s")
