@@ -70,7 +70,7 @@ def _load_logits_resave(rank, world, tp, pp, megatron_dir, tokens, resave_dir, g
     save_model(Path(resave_dir), chunks)
     greedy = None
     if greedy_prompts:
-        engine = NativeEngine(chunks[0].module, pad_token_id=2, max_sequence_length=256, max_batch_size=8)
+        engine = NativeEngine(chunks[0], pad_token_id=2, max_sequence_length=256, max_batch_size=8)
         batch = engine.generate(greedy_prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=32,
                                                                stop_token_ids=()))
         greedy = batch.response_ids
