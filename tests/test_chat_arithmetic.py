@@ -82,6 +82,11 @@ def test_curriculum_orders_work_on_the_tags():
         ("7 + 5 = 12\n\nThe answer is \\boxed{}.", 1.0, 0.0, False),  # empty box: not boxed
         ("\\boxed{12} wait, \\boxed{11}", 0.1, 0.0, True),  # the last box decides
         ("I do not know.", 0.0, 0.0, False),
+        # math-verify evaluates expressions: the question copied into the box must not pay
+        ("\\boxed{7 + 5}", 0.1, 0.0, True),
+        ("\\boxed{3 * 4}", 0.1, 0.0, True),
+        ("The answer is 7+5", 0.0, 0.0, False),
+        ("\\boxed{-12}", 0.1, 0.0, True),
     ],
 )
 def test_lenient_and_strict_rewards(reply, lenient, strict, boxed):

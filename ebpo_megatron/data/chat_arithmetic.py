@@ -25,16 +25,20 @@ Rewards (``rewards/math.py``, integer answers compared exactly, without worker p
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..rewards.math import MathReward, MathRewardConfig
+from ..rewards.math import MathReward, MathRewardConfig, RewardResult
 from .arithmetic import is_held_out
 from .math_datasets import MathExample
 from .math_prompts import ChatPromptRenderer
+
+_INTEGER = re.compile(r"[-−]?\d+")
 
 DEFAULT_INSTRUCTION = "Put the final answer in \\boxed{}."
 LEVEL_TOPICS = {0: "single_digit_addition", 1: "times_table", 2: "two_digit_addition", 3: "three_term"}
@@ -124,12 +128,36 @@ def render_prompts(problems: Sequence[ChatArithProblem], tokenizer: Any, instruc
     return [renderer.render(e).token_ids for e in examples]
 
 
-def make_reward(format_reward: float) -> MathReward:
-    """The lenient reward: correctness (box, "the answer is", last number) + ``format_reward`` if boxed."""
-    return MathReward(MathRewardConfig(lenient=True, format_weight=format_reward))
+class IntegerAnswerReward:
+    """``MathReward`` for arithmetic: an answer counts only when it is written as an integer.
+
+    math-verify evaluates expressions, so ``\\boxed{37 + 48}`` equals 85 to it: copying the question
+    into the box would be paid as a correct answer. A GRPO run on SmolLM2 learned exactly that
+    (held-out "accuracy" 1.0 after 40 steps, every reply ``\\boxed{<the question>}``), so a correct
+    verdict on a non-integer extraction is turned into incorrect (score − correct + incorrect).
+    """
+
+    def __init__(self, reward: MathReward) -> None:
+        self.reward = reward
+
+    def score_batch(self, responses: Sequence[str], answers: Sequence[str], **kwargs: Any) -> list[RewardResult]:
+        config = self.reward.config
+        penalty = config.correct_score - config.incorrect_score
+        return [r if not r.correct or _INTEGER.fullmatch((r.extracted or "").strip()) else
+                dataclasses.replace(r, correct=False, score=r.score - penalty)
+                for r in self.reward.score_batch(responses, answers, **kwargs)]
+
+    def score(self, response: str, answer: str, **kwargs: Any) -> RewardResult:
+        return self.score_batch([response], [answer], **kwargs)[0]
 
 
-def strict_scores(reward: MathReward, responses: Sequence[str], answers: Sequence[str]) -> list[float]:
+def make_reward(format_reward: float) -> IntegerAnswerReward:
+    """The lenient reward: correctness (box, "the answer is", last number; integers only) +
+    ``format_reward`` if boxed."""
+    return IntegerAnswerReward(MathReward(MathRewardConfig(lenient=True, format_weight=format_reward)))
+
+
+def strict_scores(reward: IntegerAnswerReward, responses: Sequence[str], answers: Sequence[str]) -> list[float]:
     """1.0 where the reply's last ``\\boxed{}`` holds the right answer, else 0.0 (no fallback)."""
     results = reward.score_batch(responses, answers, lenient=False, format_weight=0.0)
     return [1.0 if r.correct and r.boxed else 0.0 for r in results]
