@@ -150,6 +150,9 @@ class IntegerAnswerReward:
     def score(self, response: str, answer: str, **kwargs: Any) -> RewardResult:
         return self.score_batch([response], [answer], **kwargs)[0]
 
+    def close(self) -> None:
+        self.reward.close()
+
 
 def make_reward(format_reward: float) -> IntegerAnswerReward:
     """The lenient reward: correctness (box, "the answer is", last number; integers only) +
