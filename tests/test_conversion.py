@@ -10,6 +10,7 @@ model's conversion stays within a small multiple of its largest tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,22 +20,16 @@ import pytest
 import torch
 from mp_utils import run_ranks
 from test_checkpoint import batch_for
+from test_weight_export import FAMILIES
+from test_weight_export import tiny as tiny_2_layers
 
-from ebpo_megatron.models import ModelConfig, RopeScaling
+from ebpo_megatron.models import ModelConfig
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = {
-    "llama": dict(family="llama", rope_theta=500000.0,
-                  rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=32)),
-    "qwen2": dict(family="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
-    "qwen3": dict(family="qwen3", head_dim=24, rope_theta=1000000.0),
-}
-
-
 def tiny(family: str) -> ModelConfig:
-    return ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                       num_kv_heads=2, vocab_size=100, max_position_embeddings=64, **FAMILIES[family])
+    """The weight-export test's tiny model of ``family``, with 4 layers so PP=2 splits them."""
+    return dataclasses.replace(tiny_2_layers(family), num_layers=4)
 
 
 def tokens() -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mp_utils import run_ranks
+from test_conversion import hf_state
 
 QUESTIONS = ["What is 7 + 5?", "What is 6 * 8?", "What is 23 + 58?", "What is 3 + 4 * 2?",
              "What is 9 * 9 - 7?", "Name a prime number.", "What is 41 + 17?", "What is 2 * 7?"]
@@ -31,15 +32,6 @@ def chat_prompts(hf_dir: Path) -> list[list[int]]:
 def padded(prompts: list[list[int]], pad: int) -> torch.Tensor:
     width = max(map(len, prompts))
     return torch.tensor([p + [pad] * (width - len(p)) for p in prompts])
-
-
-def hf_state(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(shard))
-    return state
 
 
 @pytest.fixture(scope="module")
