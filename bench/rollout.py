@@ -1,7 +1,9 @@
 """Rollout speed on CPU, in one run: tokens/s of the native engine (Megatron GPTModel + static
 KV cache) vs Hugging Face `transformers` `generate` on the same model weights (exported with
-``export_hf_weights``), same prompts and lengths, greedy; and the seconds of a full HF-named
-weight export of a ~100M-parameter model.
+``export_hf_weights``), same prompts and lengths; and the seconds of a full HF-named weight
+export of a ~100M-parameter model. ``--n 1`` (default): greedy, distinct prompts, the token
+streams are compared; ``--n G``: the RL case, G samples per prompt at ``--temperature``
+(HF: ``num_return_sequences=G``), both sides forced to the same length.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from bench_model import add_model_args, bench_config, describe, hf_model, load_h
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="sequences (prompts x n)")
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt (1: greedy)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="with --n > 1")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -42,9 +46,13 @@ def main() -> None:
             load_hf_weights(chunks, cfg, args.hf)
         model = chunks[0].eval()
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
+        if args.batch % args.n:
+            parser.error(f"--batch {args.batch} is not a multiple of --n {args.n}")
+        prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=g).tolist()
+                   for _ in range(args.batch // args.n)]
         engine = NativeEngine(model, pad_token_id=0, max_sequence_length=cfg.max_position_embeddings)
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.new)
+        temperature = 0.0 if args.n == 1 else args.temperature
+        params = SamplingParams(n=args.n, temperature=temperature, max_new_tokens=args.new)
         engine.generate(prompts[:2], SamplingParams(n=1, temperature=0.0, max_new_tokens=4))  # warm-up
         start = time.perf_counter()
         ours = engine.generate(prompts, params)
@@ -54,20 +62,28 @@ def main() -> None:
         if args.hf is None:
             hf.load_state_dict(dict(export_hf_weights([model], Layout.from_model_config(cfg))), strict=False)
         ids = torch.tensor(prompts)
-        kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+        kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0,
+                      **(dict(do_sample=False) if args.n == 1 else
+                         dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              num_return_sequences=args.n)))
         with torch.no_grad():
             hf.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), **{**kwargs, "max_new_tokens": 4,
                                                                                 "min_new_tokens": 4})
             start = time.perf_counter()
             theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
             t_hf = time.perf_counter() - start
-        same = sum(a == b for r, t in zip(ours.response_ids, theirs[:, args.prompt:].tolist()) for a, b in zip(r, t))
         tokens = args.batch * args.new
+        mode = "greedy" if args.n == 1 else f"{args.n} samples per prompt at T={temperature}"
         print(f"{describe(cfg, args.hf)}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
-              f"greedy, {args.threads} threads")
+              f"{mode}, {args.threads} threads")
         print(f"HF transformers generate : {tokens / t_hf:8.0f} tokens/s")
         print(f"native engine (Megatron) : {tokens / t_ours:8.0f} tokens/s")
-        print(f"ratio (ours / HF)        : {t_hf / t_ours:8.2f}x   (identical greedy tokens: {same}/{tokens})")
+        check = ""
+        if args.n == 1:
+            same = sum(a == b for r, t in zip(ours.response_ids, theirs[:, args.prompt:].tolist())
+                       for a, b in zip(r, t))
+            check = f"   (identical greedy tokens: {same}/{tokens})"
+        print(f"ratio (ours / HF)        : {t_hf / t_ours:8.2f}x{check}")
 
         if args.skip_export:
             return

@@ -15,13 +15,15 @@ from bench_model import add_model_args, bench_config, describe, hf_model, load_h
 from ebpo_megatron.algorithms import entropy_from_logits, policy_loss
 
 
-def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
+def make_batch(vocab: int, batch: int, prompt: int, response: int, seed: int = 0):
+    """``batch`` sequences of ``prompt`` + ``response`` random tokens; the loss covers the response."""
     from ebpo_megatron.trainer.batching import PolicyBatch
 
     g = torch.Generator().manual_seed(seed)
+    length = prompt + response
     tokens = torch.randint(0, vocab, (batch, length), generator=g)
     mask = torch.zeros(batch, length - 1)
-    mask[:, length // 4:] = 1.0  # the last 3/4 is the response
+    mask[:, prompt - 1:] = 1.0  # targets tokens[prompt:], the response
     old = -9.0 + 0.1 * torch.randn(batch, length - 1, generator=g)
     return PolicyBatch(tokens, torch.full((batch,), length), mask, torch.randn(batch, generator=g), old_logp=old)
 
@@ -76,7 +78,8 @@ def hf_steps(cfg, hf_dir, batch, steps: int, micro: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
+    parser.add_argument("--response", type=int, default=96, help="response tokens per sequence")
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -84,12 +87,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = bench_config(args.hf, args.length)
-    batch = make_batch(cfg.vocab_size, args.batch, args.length)
-    tokens = args.batch * args.length
+    length = args.prompt + args.response
+    cfg = bench_config(args.hf, length)
+    batch = make_batch(cfg.vocab_size, args.batch, args.prompt, args.response)
+    tokens = args.batch * length
     t_mc = megatron_steps(cfg, args.hf, batch, args.steps, args.micro)
     t_hf = hf_steps(cfg, args.hf, batch, args.steps, args.micro)
-    print(f"{describe(cfg, args.hf)}, batch {args.batch} x {args.length} tokens, "
+    print(f"{describe(cfg, args.hf)}, batch {args.batch} x ({args.prompt} prompt + {args.response} response) tokens, "
           f"{args.micro} sequences per micro-batch, {args.threads} threads")
     print(f"HF transformers + torch AdamW : {t_hf:7.3f} s/step  {tokens / t_hf:8.0f} tokens/s")
     print(f"ebpo_megatron (Megatron-Core) : {t_mc:7.3f} s/step  {tokens / t_mc:8.0f} tokens/s")

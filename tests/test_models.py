@@ -125,9 +125,11 @@ def _compare_families(rank: int, world: int) -> dict[str, dict[str, float]]:
         logits = model(tokens, torch.arange(SEQ).expand(2, SEQ), None).double()
         params = {n: t.detach().double() for n, t in model.named_parameters()}
         ref = reference_forward(params, cfg, tokens)
+        tail = model(tokens, torch.arange(SEQ).expand(2, SEQ), None, logits_from=SEQ - 5).double()
         no_scaling = reference_forward(params, ModelConfig(**{**vars(cfg), "rope_scaling": None}), tokens)
         out[family] = {
             "diff": float((logits - ref).abs().max()), "scale": float(ref.abs().max()),
+            "tail_shape": tuple(tail.shape[:2]), "tail_diff": float((tail - ref[:, SEQ - 5:]).abs().max()),
             "scaling_effect": float((no_scaling - ref).abs().max()),
             "inv_freq_diff": float((model.rotary_pos_emb.inv_freq.double() - rope_inv_freq(cfg)).abs().max()
                                    / rope_inv_freq(cfg).abs().max()),
@@ -143,6 +145,7 @@ def test_forward_matches_plain_torch_reference_for_each_family() -> None:
     for family, r in results.items():
         assert r["scale"] > 0.1, (family, r)
         assert r["diff"] < 1e-5, (family, r)
+        assert r["tail_shape"] == (2, 5) and r["tail_diff"] < 1e-5, (family, r)  # logits_from
         assert r["inv_freq_diff"] < 1e-6, (family, r)
         assert r["vocab"] == 128  # 100 padded to a multiple of 128
     # the scaling shows in the logits beyond the tolerance (Llama 3.1's touches only frequencies

@@ -38,7 +38,7 @@ def full_init(name: str, shape_hint: dict) -> torch.Tensor:
     return 0.05 * torch.randn(shape, generator=g)
 
 
-def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="given"):
+def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="given", prompt_logits=False):
     from megatron.core import parallel_state
 
     from ebpo_megatron.models import build_policy
@@ -59,6 +59,7 @@ def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="g
         LossConfig(kl_coef=0.0, agg=agg),
         StepConfig(micro_batch_size=micro, step_kl=False, old_logp="rollout" if old_logp == "rollout" else "recompute"),
     )
+    trainer.skip_prompt_logits = not prompt_logits
     batch = fixed_batch()
     if old_logp == "rollout":  # the same π_old, arriving as the engine's sampling log-probs
         batch = dataclasses.replace(batch, old_logp=None, rollout_logp=batch.old_logp)
@@ -70,8 +71,9 @@ def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="g
     return {"metrics": metrics, "weights": full_weights(trainer.chunks)}
 
 
-def run_layout(shapes, world, tp, pp, micro, agg="token-mean", recompute="none", old_logp="given"):
-    results = run_ranks(_step, world, tp, pp, micro, agg, shapes, recompute, old_logp)
+def run_layout(shapes, world, tp, pp, micro, agg="token-mean", recompute="none", old_logp="given",
+               prompt_logits=False):
+    results = run_ranks(_step, world, tp, pp, micro, agg, shapes, recompute, old_logp, prompt_logits)
     weights = {}
     for r in results:
         weights.update(r["weights"])
@@ -127,3 +129,9 @@ def test_old_logp_from_the_rollout_equals_the_given_old_logp(shapes, single):
     metrics, weights = run_layout(shapes, 1, 1, 1, 8, old_logp="rollout")
     assert_same(single["token-mean"], (metrics, weights))
     assert "rollout/logp_diff_mean" not in metrics
+
+
+def test_logits_on_prompt_positions_change_nothing(shapes, single):
+    """The trainer skips the output layer before the first response position
+    (``PolicyBatch.response_start`` = 3 here); computing all positions gives the same step."""
+    assert_same(single["token-mean"], run_layout(shapes, 1, 1, 1, 8, prompt_logits=True))

@@ -142,14 +142,15 @@ def _apply_rope_scaling(chunk: torch.nn.Module, model: ModelConfig) -> None:
 
 
 def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.Module]:
-    """This rank's ``GPTModel`` chunks (one per virtual pipeline stage, else one).
+    """This rank's ``PolicyGPTModel`` chunks (one per virtual pipeline stage, else one).
 
     Needs Megatron's parallel state (``parallel.initialize``). The output layer covers the padded
     vocabulary (``padded_vocab_size``); ``chunk.real_vocab_size`` is the real one, logits past it
     are padding.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
+
+    from .policy_model import PolicyGPTModel
 
     config = transformer_config(model, parallel)  # raises first if the gpu extra is missing
     cpu_compat.enable()
@@ -158,7 +159,7 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.
     chunks = []
     for vp_stage in range(parallel.virtual_pipeline or 1):
         vp = vp_stage if parallel.virtual_pipeline else None
-        chunk = GPTModel(
+        chunk = PolicyGPTModel(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=vocab,

@@ -1,10 +1,12 @@
 """Native rollout engine: sampling from the Megatron-Core GPTModel itself with a static KV cache.
 
-B = P·n sequences (each prompt repeated n times) are left-padded to the longest prompt L_p.
-Prefill runs the padded prompts with a [B, 1, L_p, L_p] mask (causal, and padding keys
-masked); each decode step feeds one token per sequence with a [B, 1, 1, L_p + t] mask that
-hides the padding keys. RoPE only sees position differences, so the per-sequence shift that
-left padding introduces changes nothing: the logits equal those of an unpadded forward.
+P prompts are left-padded to the longest one, L_p. Prefill runs the P padded prompts once with a
+[P, 1, L_p, L_p] mask (causal, and padding keys masked); the KV cache of each prompt and its
+last logits are then copied to its n samples (the G responses of a group share their prompt), so
+prefill costs P, not P·n, sequences. Each decode step feeds one token per sequence of the
+B = P·n with a [B, 1, 1, L_p + t] mask that hides the padding keys. RoPE only sees position
+differences, so the per-sequence shift that left padding introduces changes nothing: the logits
+equal those of an unpadded forward. A group is never split across batches of ``max_batch_size``.
 
 TP: logits are gathered over the vocabulary shards (``runtime_gather_output``) and every TP
 rank draws from an identically seeded generator, so all ranks sample the same tokens.
@@ -59,10 +61,11 @@ class NativeEngine(RolloutEngine):
                 )
         start = time.perf_counter()
         prompts = [p for p in prompt_token_ids for _ in range(params.n)]
+        groups_per_batch = max(1, self.max_batch_size // params.n)
         results: list[tuple[list[int], list[float], str]] = []
-        for first in range(0, len(prompts), self.max_batch_size):
-            chunk = prompts[first: first + self.max_batch_size]
-            generator = torch.Generator().manual_seed(params.seed + first)
+        for first in range(0, len(prompt_token_ids), groups_per_batch):
+            chunk = prompt_token_ids[first: first + groups_per_batch]
+            generator = torch.Generator().manual_seed(params.seed + first * params.n)
             results.extend(self._generate_chunk(chunk, params, generator))
         seconds = time.perf_counter() - start
         new_tokens = sum(len(r[0]) for r in results)
@@ -77,22 +80,27 @@ class NativeEngine(RolloutEngine):
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams,
                         generator: torch.Generator) -> list[tuple[list[int], list[float], str]]:
+        """Samples ``params.n`` responses for each of ``prompts`` (module docstring)."""
         model = self.model
         was_training = model.training
         model.eval()
-        batch = len(prompts)
+        n = params.n
+        batch = len(prompts) * n
         prompt_len = max(len(p) for p in prompts)
-        tokens = torch.full((batch, prompt_len), self.pad_token_id, dtype=torch.long)
-        is_pad = torch.ones((batch, prompt_len), dtype=torch.bool)
+        tokens = torch.full((len(prompts), prompt_len), self.pad_token_id, dtype=torch.long)
+        prompt_pad = torch.ones((len(prompts), prompt_len), dtype=torch.bool)
         for b, p in enumerate(prompts):
             tokens[b, prompt_len - len(p):] = torch.tensor(p)
-            is_pad[b, prompt_len - len(p):] = False
+            prompt_pad[b, prompt_len - len(p):] = False
         total = prompt_len + params.max_new_tokens
         context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=total)
         causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool).triu(1)
-        mask = causal[None, None] | is_pad[:, None, None, :]  # True = masked out
-        positions = torch.arange(prompt_len).unsqueeze(0).expand(batch, -1)
+        mask = causal[None, None] | prompt_pad[:, None, None, :]  # True = masked out
+        positions = torch.arange(prompt_len).unsqueeze(0).expand(len(prompts), -1)
         logits = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
+        logits = logits.repeat_interleave(n, dim=0)
+        _share_prompt_cache(context, len(prompts), n, prompt_len)
+        is_pad = prompt_pad.repeat_interleave(n, dim=0)
         context.increment_sequence_len_offset(prompt_len)
         context.enable_decode_mode()
 
@@ -129,3 +137,14 @@ class NativeEngine(RolloutEngine):
              "stop" if stopped[b] else "length")
             for b in range(batch)
         ]
+
+
+def _share_prompt_cache(context: StaticInferenceContext, prompts: int, n: int, prompt_len: int) -> None:
+    """Copy the prefilled keys/values of prompt i (batch slot i) to the slots i·n, …, i·n + n − 1
+    of its samples; the cache layout is [sequence, batch, heads·dim] per layer."""
+    if n == 1:
+        return
+    for memories in context.key_value_memory_dict.values():
+        for memory in memories:
+            shared = memory[:prompt_len, :prompts].repeat_interleave(n, dim=1)
+            memory[:prompt_len, : prompts * n] = shared

@@ -46,6 +46,16 @@ def sample_tokens(
         tokens = torch.argmax(logits, dim=-1)
     else:
         filtered = filter_logits(scaled, top_k=top_k, top_p=top_p)
-        probs = torch.softmax(filtered, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = draw(torch.softmax(filtered, dim=-1), generator)
     return tokens, logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``probs`` [B, V] by inversion: with C_v = Σ_{u≤v} p_u (float64) and
+    x = U·C_V, U ~ Uniform[0, 1), the token is the first v with C_v > x, so P(v) = p_v and a
+    token with p_v = 0 is never drawn. One uniform per row; ``torch.multinomial`` draws one
+    exponential per vocabulary entry, which dominates a CPU decode step at 49k tokens."""
+    cdf = probs.double().cumsum(dim=-1)
+    x = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator,
+                   device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

@@ -54,6 +54,12 @@ class PolicyBatch:
             picked[name] = value[:, : longest if name == "tokens" else longest - 1]
         return PolicyBatch(**picked)
 
+    def response_start(self) -> int:
+        """The first target position t with a loss-mask entry in any row (0 when there is none):
+        log π at positions < t is never used, so the output layer may skip them."""
+        columns = self.loss_mask.any(dim=0).nonzero()
+        return int(columns[0]) if len(columns) else 0
+
     def with_logps(self, **logps: torch.Tensor) -> "PolicyBatch":
         return replace(self, **logps)
 

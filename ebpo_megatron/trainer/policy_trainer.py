@@ -7,6 +7,8 @@ One call of :meth:`PolicyTrainer.train_step` on a :class:`PolicyBatch` (this DP 
        micro-batches (fixed size, or a token budget) and run through Megatron's
        ``get_forward_backward_func`` (pipeline schedule when PP > 1);
     3. per-step KL(π_t ‖ π_{t+1}) on the step's tokens and throughput metrics.
+Every forward computes logits from the micro-batch's first response position on
+(``PolicyBatch.response_start``, ``models.policy_model``): log π of prompt tokens is never used.
 
 Loss scaling. Each micro-batch's loss is normalized by the counts of the *whole* mini-batch on
 all DP ranks (N_tok for token-mean, B for the sequence modes; see ``algorithms.aggregate``),
@@ -25,6 +27,7 @@ from typing import Iterator, Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -196,6 +199,9 @@ class PolicyTrainer:
         self.vocab_size = getattr(_unwrap(chunks[0]), "real_vocab_size", None)  # logits past it: padding
         self.dp_group = parallel_state.get_data_parallel_group()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        # the output layer only on response positions (models.policy_model), unless the sequence
+        # is split over ranks
+        self.skip_prompt_logits = not (config.sequence_parallel or config.context_parallel_size > 1)
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -233,8 +239,9 @@ class PolicyTrainer:
             mb = next(data_iterator)
             seq = mb.tokens.shape[1]
             positions = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
-            output = model(mb.tokens, positions, None)
-            return output, partial(loss_fn, mb)
+            start = mb.response_start() if self.skip_prompt_logits else 0
+            output = model(mb.tokens, positions, None, logits_from=start)
+            return output, partial(loss_fn, mb, start)
 
         longest = max(mb.tokens.shape[1] for mb in microbatches)
         widest = max(mb.size for mb in microbatches)
@@ -249,12 +256,14 @@ class PolicyTrainer:
             forward_only=forward_only,
         )
 
-    def _token_logprobs(self, mb: PolicyBatch, logits: torch.Tensor) -> torch.Tensor:
-        """log π(tokens[t+1] | tokens[≤t]) / temperature-scaled, from vocab-parallel logits [b, s, v/tp]."""
-        return vocab_parallel_logprobs(
-            logits[:, :-1].float(), mb.tokens[:, 1:], self.tp_group,
+    def _token_logprobs(self, mb: PolicyBatch, start: int, logits: torch.Tensor) -> torch.Tensor:
+        """log π(tokens[t+1] | tokens[≤t]) at temperature T, target-aligned [b, s−1], from the
+        vocab-parallel logits [b, s − start, v/tp] of positions start, …; 0 before ``start``."""
+        logp = vocab_parallel_logprobs(
+            logits[:, :-1].float(), mb.tokens[:, start + 1:], self.tp_group,
             temperature=self.step_cfg.temperature, vocab_size=self.vocab_size,
         )
+        return F.pad(logp, (start, 0))
 
     # ------------------------------------------------------------------------ log-probs
     @torch.no_grad()
@@ -268,8 +277,8 @@ class PolicyTrainer:
             c.eval()
         rows, micro = self._microbatches(batch)
 
-        def collect(mb: PolicyBatch, logits: torch.Tensor):
-            return torch.zeros((), dtype=torch.float32), {"logp": self._token_logprobs(mb, logits)}
+        def collect(mb: PolicyBatch, start: int, logits: torch.Tensor):
+            return torch.zeros((), dtype=torch.float32), {"logp": self._token_logprobs(mb, start, logits)}
 
         outputs = self._run(chunks, micro, collect, forward_only=True)
         if not self.is_last_stage:
@@ -367,8 +376,8 @@ class PolicyTrainer:
         totals = {"total_tokens": max(total_tokens, 1.0), "total_seqs": total_seqs}
         mech = loss_cfg.entropy_mechanism()
 
-        def loss_fn(mb: PolicyBatch, logits: torch.Tensor):
-            logp = self._token_logprobs(mb, logits)
+        def loss_fn(mb: PolicyBatch, start: int, logits: torch.Tensor):
+            logp = self._token_logprobs(mb, start, logits)
             mask = mb.loss_mask.to(logp.dtype)
             loss, stats = policy_loss(
                 logp, mb.old_logp, mb.advantages, mask,
@@ -384,10 +393,10 @@ class PolicyTrainer:
                 loss = loss + loss_cfg.kl_coef * kl
                 report["actor/kl_ref"] = kl.detach()
             with torch.set_grad_enabled(loss_cfg.entropy_coef > 0):  # a metric unless it is a loss term
-                entropy = vocab_parallel_entropy(
+                entropy = F.pad(vocab_parallel_entropy(
                     logits[:, :-1].float(), self.tp_group, temperature=self.step_cfg.temperature,
                     vocab_size=self.vocab_size,
-                )
+                ), (start, 0))
             if loss_cfg.entropy_coef > 0:
                 loss = loss - loss_cfg.entropy_coef * aggregate(
                     entropy, mask, loss_cfg.agg, norm_const=loss_cfg.norm_const, **totals)
