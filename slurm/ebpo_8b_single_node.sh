@@ -31,16 +31,10 @@
 set -euo pipefail
 
 _here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-if [[ -n ${EBPO_ROOT:-} ]]; then
-    :
-elif [[ -f "$_here/ebpo_launch.sh" ]]; then
-    EBPO_ROOT=$(dirname "$_here")
-elif [[ -n ${SLURM_SUBMIT_DIR:-} && -f "$SLURM_SUBMIT_DIR/slurm/ebpo_launch.sh" ]]; then
-    EBPO_ROOT=$SLURM_SUBMIT_DIR
-else
-    echo "ebpo_8b_single_node.sh: cannot find the repository: submit from its root or set EBPO_ROOT" >&2
-    exit 2
-fi
+for EBPO_ROOT in "${EBPO_ROOT:-}" "$(dirname "$_here")" "${SLURM_SUBMIT_DIR:-}"; do
+    [[ -n $EBPO_ROOT && -f $EBPO_ROOT/slurm/ebpo_launch.sh ]] && break
+done
+[[ -f $EBPO_ROOT/slurm/ebpo_launch.sh ]] || { echo "ebpo_8b_single_node.sh: cannot find the repository: submit from its root or set EBPO_ROOT" >&2; exit 2; }
 export EBPO_ROOT
 
 EBPO_DEFAULT_CONFIG=examples/llama3.1_8b_ebpo.yaml

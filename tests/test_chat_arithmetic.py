@@ -76,17 +76,19 @@ def test_curriculum_orders_work_on_the_tags():
     "reply, lenient, strict, boxed",
     [
         ("7 + 5 = 12, so the answer is \\boxed{12}.", 1.1, 1.0, True),
-        ("\\boxed{13}", 0.1, 0.0, True),
+        ("\\boxed{13}", 0.0, 0.0, True),  # the format reward needs the right answer
         ("7 + 5 = 12", 1.0, 0.0, False),  # last number right: lenient yes, strict no
         ("The answer is 12.", 1.0, 0.0, False),
         ("7 + 5 = 12\n\nThe answer is \\boxed{}.", 1.0, 0.0, False),  # empty box: not boxed
-        ("\\boxed{12} wait, \\boxed{11}", 0.1, 0.0, True),  # the last box decides
+        ("\\boxed{12} wait, \\boxed{11}", 0.0, 0.0, True),  # the last box decides
         ("I do not know.", 0.0, 0.0, False),
-        # math-verify evaluates expressions: the question copied into the box must not pay
-        ("\\boxed{7 + 5}", 0.1, 0.0, True),
-        ("\\boxed{3 * 4}", 0.1, 0.0, True),
+        # math-verify evaluates expressions: the question copied into the box must not pay,
+        # neither as an answer nor as a format
+        ("\\boxed{7 + 5}", 0.0, 0.0, True),
+        ("\\boxed{3 * 4}", 0.0, 0.0, True),
+        ("\\boxed{twelve}", 0.0, 0.0, True),
         ("The answer is 7+5", 0.0, 0.0, False),
-        ("\\boxed{-12}", 0.1, 0.0, True),
+        ("\\boxed{-12}", 0.0, 0.0, True),
     ],
 )
 def test_lenient_and_strict_rewards(reply, lenient, strict, boxed):
@@ -98,7 +100,8 @@ def test_lenient_and_strict_rewards(reply, lenient, strict, boxed):
 
 def test_format_reward_is_configurable():
     assert make_reward(0.0).score("\\boxed{12}", "12").score == 1.0
-    assert make_reward(0.25).score("\\boxed{3}", "12").score == 0.25
+    assert make_reward(0.25).score("\\boxed{12}", "12").score == 1.25
+    assert make_reward(0.25).score("\\boxed{3}", "12").score == 0.0
 
 
 @pytest.fixture()
@@ -142,7 +145,7 @@ def test_task_from_config(chat_tokenizer_dir, tmp_path):
 
     replies = ["\\boxed{12}", "so 12", "\\boxed{3}"]
     scores, stats = task.reward(replies, ["12"] * 3)
-    assert scores == pytest.approx([1.2, 1.0, 0.2]) and stats["reward/boxed_frac"] == pytest.approx(2 / 3)
+    assert scores == pytest.approx([1.2, 1.0, 0.0]) and stats["reward/boxed_frac"] == pytest.approx(2 / 3)
     assert task.strict_reward(replies, ["12"] * 3)[0] == [1.0, 0.0, 0.0]
 
 

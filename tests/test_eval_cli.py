@@ -235,7 +235,8 @@ def test_greedy_eval_under_torchrun_dp2_equals_one_process(synthetic_run, tmp_pa
     ("--checkpoint {tmp} --data {data}", "is not a complete checkpoint (no COMPLETE marker)"),
     ("--checkpoint {ckpt} --data {tmp}/missing.jsonl", "--data: file not found"),
     ("--checkpoint {ckpt} --data {data} --k 4 --maj 8", "maj: expected 1 <= maj <= k (4), got 8"),
-    ("--checkpoint {ckpt} rollout.engine=vllm --data {data}", "evaluation with the colocated vLLM engine is not wired"),
+    pytest.param("--checkpoint {ckpt} rollout.engine=vllm --data {data}", "pip install 'ebpo_megatron[vllm]'",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")),
     ("--checkpoint {ckpt} model.no_such_key=1 --data {data}", "--config:"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(math_run, tmp_path, capsys, args, message):
@@ -244,6 +245,31 @@ def test_bad_input_exits_2_with_a_clear_message(math_run, tmp_path, capsys, args
     ckpt = math_run["run"] / "checkpoints/step_000001"
     assert main(args.format(tmp=tmp_path, ckpt=ckpt, data=math_run["jsonl"]).split()) == 2
     assert message in capsys.readouterr().err
+
+
+def _eval_held_out(rank: int, world: int, checkpoint: str, engine: str) -> dict:
+    import hf_vllm_backend
+    from ebpo_megatron.evaluation.runner import EvalSettings, resolve_config, run_evaluation
+    from ebpo_megatron.rollout import vllm_engine
+
+    vllm_engine._VLLMBackend = hf_vllm_backend.HFBackedVLLM  # the only vLLM-specific class
+    config, run_dir = resolve_config(Path(checkpoint), None, [f"rollout.engine={engine}"])
+    done = run_evaluation(config, Path(checkpoint), run_dir, [], EvalSettings(k=2, maj=2, temperature=0.0))
+    return {"problems": [(p.uid, p.correct, p.answers) for p in done.results[0].problems],
+            "prompts_seen": hf_vllm_backend.PROMPTS_SEEN[0], "events": list(hf_vllm_backend.EVENTS)}
+
+
+def test_eval_with_the_vllm_engine_equals_the_native_engine(synthetic_run):
+    """``rollout.engine=vllm`` (vLLM replaced by tests/hf_vllm_backend.py): one engine per process,
+    woken and sent the checkpoint's weights, the problems split over both processes; greedy
+    results identical to the native engine's."""
+    pytest.importorskip("transformers")
+    checkpoint = str(synthetic_run / "checkpoints/step_000001")
+    [native] = run_ranks(_eval_held_out, 1, checkpoint, "native")
+    vllm = run_ranks(_eval_held_out, 2, checkpoint, "vllm")
+    assert vllm[0]["problems"] == vllm[1]["problems"] == native["problems"]
+    assert [r["prompts_seen"] for r in vllm] == [6, 6]  # 12 held-out problems, none generated twice
+    assert vllm[0]["events"][-3:] == ["wake:weights", "wake:kv_cache", "sleep2"] and native["prompts_seen"] == 0
 
 
 def test_exit_status_of_the_installed_command(tmp_path):

@@ -44,6 +44,10 @@ def _engine_checks(rank, world, tp):
         mismatches += sum(a != b for a, b in zip(predicted, response))
     out["greedy_mismatches"] = mismatches
     out["greedy_tokens"] = greedy.response_ids
+    # n samples share their prompt's prefill (KV cache copied); batches of whole groups
+    small = NativeEngine(model, pad_token_id=0, max_sequence_length=CFG.max_position_embeddings, max_batch_size=3)
+    twice = small.generate(PROMPTS, SamplingParams(n=2, temperature=0.0, max_new_tokens=12))
+    out["shared_prefill_greedy"] = twice.response_ids == [r for r in greedy.response_ids for _ in range(2)]
 
     params = SamplingParams(n=3, temperature=0.8, top_p=1.0, max_new_tokens=10, stop_token_ids=(17, 23), seed=4)
     sampled = engine.generate(PROMPTS, params)
@@ -77,6 +81,7 @@ def single():
 def test_greedy_equals_argmax_of_full_forward(single):
     assert single["greedy_mismatches"] == 0
     assert all(len(r) == 12 for r in single["greedy_tokens"])
+    assert single["shared_prefill_greedy"]  # each of the n = 2 copies = the n = 1 response
 
 
 def test_logprobs_equal_the_trainers(single):

@@ -40,11 +40,16 @@ class RunConfig:
     wandb_project: str = "ebpo_megatron"
     tensorboard: bool = False
     torch_threads: int | None = None
+    # checkpoint choice: an evaluation metric (higher is better, e.g. "eval/maj@16"); the checkpoint
+    # of its best evaluation is saved, never rotated out, and named in checkpoints/BEST
+    best_metric: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("steps", "eval_every", "save_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run.{key}: expected >= 1, got {getattr(self, key)}")
+        if self.best_metric is not None and not self.best_metric.startswith("eval/"):
+            raise ConfigError(f"run.best_metric: expected an evaluation metric 'eval/...', got {self.best_metric!r}")
 
     @property
     def run_dir(self) -> Path:
@@ -118,13 +123,17 @@ class RolloutConfig:
     top_k: int = 0
     max_new_tokens: int = 32
     eval_temperature: float = 0.0
-    eval_samples: int = 1
+    eval_samples: int = 1  # k samples per held-out prompt: pass@1 (mean), and with k > 1 pass@k
+    eval_maj: int = 16  # with eval_samples > 1: maj@m and pass@m, m = min(eval_maj, eval_samples)
     max_batch_size: int = 256
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ConfigError(f"rollout.n: expected >= 1 responses per prompt, got {self.n}")
+        if self.eval_samples < 1 or self.eval_maj < 1:
+            raise ConfigError(f"rollout.eval_samples and rollout.eval_maj: expected >= 1, got "
+                              f"{self.eval_samples} and {self.eval_maj}")
 
 
 @dataclass

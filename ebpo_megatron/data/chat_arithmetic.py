@@ -19,7 +19,7 @@ level 2's 8100.
 Rewards (``rewards/math.py``, integer answers compared exactly, without worker processes):
 
 * the training reward is lenient: the last ``\\boxed{}``, else "the answer is …", else the last
-  number decides correctness (1.0), plus ``format_reward`` when the answer was boxed;
+  number decides correctness (1.0), plus ``format_reward`` when the correct answer was boxed;
 * the strict score is 1.0 only for a correct answer inside the last ``\\boxed{}``.
 """
 
@@ -129,12 +129,20 @@ def render_prompts(problems: Sequence[ChatArithProblem], tokenizer: Any, instruc
 
 
 class IntegerAnswerReward:
-    """``MathReward`` for arithmetic: an answer counts only when it is written as an integer.
+    """``MathReward`` for arithmetic: an answer counts only when it is written as an integer, and
+    the format reward w is paid only on a correct boxed answer:
 
-    math-verify evaluates expressions, so ``\\boxed{37 + 48}`` equals 85 to it: copying the question
-    into the box would be paid as a correct answer. A GRPO run on SmolLM2 learned exactly that
-    (held-out "accuracy" 1.0 after 40 steps, every reply ``\\boxed{<the question>}``), so a correct
-    verdict on a non-integer extraction is turned into incorrect (score − correct + incorrect).
+        r = c + w · 1[boxed]   if the extracted answer is an integer equal to the reference,
+        r = c₀                 otherwise (c = correct_score, c₀ = incorrect_score).
+
+    Both rules close holes that runs on SmolLM2 found. math-verify evaluates expressions, so
+    ``\\boxed{37 + 48}`` equals 85 to it: a GRPO run learned to copy the question into the box
+    (held-out "accuracy" 1.0 after 40 steps). With the format reward paid for any box, two EBPO
+    runs collapsed within 7–10 steps onto answering ``\\boxed{42}``, the instruction's example,
+    to every prompt: w in every group, all G rewards equal, so GRPO would give those groups no
+    gradient, but EBPO's baseline S·μ_glob + (1 − S)·r̄ lies below w while μ_glob < w, so every
+    such reply got a positive advantage. Tying the format reward to correctness leaves no reward
+    that a wrong answer can collect.
     """
 
     def __init__(self, reward: MathReward) -> None:
@@ -142,10 +150,13 @@ class IntegerAnswerReward:
 
     def score_batch(self, responses: Sequence[str], answers: Sequence[str], **kwargs: Any) -> list[RewardResult]:
         config = self.reward.config
-        penalty = config.correct_score - config.incorrect_score
-        return [r if not r.correct or _INTEGER.fullmatch((r.extracted or "").strip()) else
-                dataclasses.replace(r, correct=False, score=r.score - penalty)
-                for r in self.reward.score_batch(responses, answers, **kwargs)]
+        weight = config.format_weight if kwargs.get("format_weight") is None else float(kwargs["format_weight"])
+        out = []
+        for r in self.reward.score_batch(responses, answers, **kwargs):
+            correct = r.correct and bool(_INTEGER.fullmatch((r.extracted or "").strip()))
+            score = config.correct_score + weight * r.boxed if correct else config.incorrect_score
+            out.append(dataclasses.replace(r, correct=correct, score=float(score)))
+        return out
 
     def score(self, response: str, answer: str, **kwargs: Any) -> RewardResult:
         return self.score_batch([response], [answer], **kwargs)[0]
@@ -155,8 +166,8 @@ class IntegerAnswerReward:
 
 
 def make_reward(format_reward: float) -> IntegerAnswerReward:
-    """The lenient reward: correctness (box, "the answer is", last number; integers only) +
-    ``format_reward`` if boxed."""
+    """The lenient reward: correctness (box, "the answer is", last number; integers only), plus
+    ``format_reward`` when the correct answer is boxed."""
     return IntegerAnswerReward(MathReward(MathRewardConfig(lenient=True, format_weight=format_reward)))
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=config.run.seed if args.seed is None else args.seed,
         )
         done = run_evaluation(config, args.checkpoint, run_dir, args.data, settings)
-    except (EvalInputError, FileNotFoundError) as err:
+    except (EvalInputError, FileNotFoundError, ImportError) as err:  # ImportError: a missing extra
         print(f"ebpo-eval: error: {err}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError) as err:

@@ -55,10 +55,6 @@ R = TypeVar("R")
 Scorer = Callable[[list[str], list[str]], tuple[list[bool], list[str | None]]]
 """(response texts, reference answers) -> (correct, extracted answer or None) per response."""
 
-VLLM_NOT_WIRED = ("rollout.engine 'vllm': evaluation with the colocated vLLM engine is not wired yet "
-                  "(it needs a GPU); use rollout.engine=native")
-
-
 class EvalInputError(ValueError):
     """Bad user input (a missing file, a setting out of range); the message names it."""
 
@@ -235,10 +231,12 @@ def render_examples(renderer: ChatPromptRenderer, examples: Sequence[MathExample
 
 
 # ----------------------------------------------------------------------------- generation
-def map_over_dp(items: list[T], fn: Callable[[list[T], int], list[R]]) -> list[R]:
-    """``fn(share, dp_rank)`` on this data-parallel rank's contiguous share of ``items``; the
-    results, in item order, on every rank. TP ranks of one DP rank take the same share."""
-    group = parallel_state.get_data_parallel_group()
+def map_over_dp(items: list[T], fn: Callable[[list[T], int], list[R]], every_process: bool = False) -> list[R]:
+    """``fn(share, rank)`` on this data-parallel rank's contiguous share of ``items``; the
+    results, in item order, on every rank. TP ranks of one DP rank take the same share.
+    ``every_process``: shares over all processes instead (engines holding their own weights,
+    vLLM: one per process, so TP ranks need not repeat each other's work)."""
+    group = dist.group.WORLD if every_process else parallel_state.get_data_parallel_group()
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     per_rank = -(-len(items) // size)
     mine = items[rank * per_rank: (rank + 1) * per_rank]
@@ -291,7 +289,7 @@ def evaluate_benchmarks(engine: RolloutEngine, task: EvalTask, benchmarks: Seque
 
     results = []
     for bench in benchmarks:
-        problems = map_over_dp(bench.prompts, share)
+        problems = map_over_dp(bench.prompts, share, every_process=engine.owns_weights)
         results.append(BenchmarkResult(bench.name, bench.source, bench.dropped, problems,
                                        benchmark_metrics(problems, settings, task.equivalence)))
     return results
@@ -299,17 +297,19 @@ def evaluate_benchmarks(engine: RolloutEngine, task: EvalTask, benchmarks: Seque
 
 # ----------------------------------------------------------------------------- from a checkpoint
 @contextmanager
-def policy_engine(config: Config, checkpoint: Path, pad_token_id: int) -> Iterator[NativeEngine]:
+def policy_engine(config: Config, checkpoint: Path, pad_token_id: int) -> Iterator[RolloutEngine]:
     """Process groups (torchrun / Slurm / one process), the policy with ``checkpoint``'s
-    weights, and a native engine over it; the groups are destroyed on exit."""
+    weights, and the engine of ``rollout.engine`` over it: native (the Megatron model itself), or
+    vLLM (one per process, woken and sent the weights through the trainer's export; the Megatron
+    copy is dropped before generation). The groups are destroyed on exit."""
     import torch
 
     from ..models import build_policy
+    from ..models.hf_mapping import Layout
     from ..parallel import cpu_compat, initialize, launch_info, shutdown
+    from ..rollout.weight_export import export_hf_weights
     from ..trainer.checkpoint import load_model
 
-    if config.rollout.engine == "vllm":
-        raise EvalInputError(VLLM_NOT_WIRED)
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
     initialize(config.parallel, config.model, launch_info())
@@ -317,9 +317,22 @@ def policy_engine(config: Config, checkpoint: Path, pad_token_id: int) -> Iterat
         cpu_compat.set_seed(config.run.seed)
         chunks = build_policy(config.model, config.parallel)
         load_model(checkpoint, chunks)
-        yield NativeEngine(chunks[0], pad_token_id=pad_token_id,
-                           max_sequence_length=config.model.max_position_embeddings,
-                           max_batch_size=config.rollout.max_batch_size)
+        if config.rollout.engine != "vllm":
+            yield NativeEngine(chunks[0], pad_token_id=pad_token_id,
+                               max_sequence_length=config.model.max_position_embeddings,
+                               max_batch_size=config.rollout.max_batch_size)
+            return
+        from ..trainer.run import build_vllm_engine
+
+        engine = build_vllm_engine(config)
+        engine.wake()
+        engine.update_weights(export_hf_weights(chunks, Layout.from_model_config(config.model),
+                                                bucket_mb=config.rollout.vllm.sync_bucket_mb))
+        del chunks
+        try:
+            yield engine
+        finally:
+            engine.sleep()
     finally:
         shutdown()
 

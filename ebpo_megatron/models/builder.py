@@ -110,16 +110,22 @@ def fp8_recipe(model: ModelConfig, parallel: ParallelConfig | None = None):
 
 
 def layer_spec(model: ModelConfig):
-    """Transformer layer ``ModuleSpec``: Transformer Engine, or local with RMSNorm."""
+    """Transformer layer ``ModuleSpec``: Transformer Engine, or local with RMSNorm; self-attention
+    caches rotated keys when generating (``models.rotated_key_cache``)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from .rotated_key_cache import RotatedKeyCacheAttention
+
     if model.transformer_impl == "transformer_engine":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=bool(model.qk_norm))
-    spec = get_gpt_layer_local_spec(qk_layernorm=bool(model.qk_norm), normalization="RMSNorm")
-    return cpu_compat.adapt_layer_spec(spec)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=bool(model.qk_norm))
+    else:
+        spec = cpu_compat.adapt_layer_spec(
+            get_gpt_layer_local_spec(qk_layernorm=bool(model.qk_norm), normalization="RMSNorm"))
+    spec.submodules.self_attention.module = RotatedKeyCacheAttention
+    return spec
 
 
 def _apply_rope_scaling(chunk: torch.nn.Module, model: ModelConfig) -> None:

@@ -46,7 +46,8 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _step_dir(root: Path, step: int) -> Path:
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """Where checkpoint ``step`` lives under ``root``."""
     return root / f"step_{step:06d}"
 
 
@@ -87,15 +88,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, trainer: PolicyTrainer, state: dict[str, Any],
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, keep_steps: tuple[int, ...] = ()) -> Path:
     """Write checkpoint ``step`` (all ranks call this); returns its final directory.
 
     ``state`` is the trainer's own picklable state (prior, sampler, ...); the LR scheduler and
-    the step are added here.
+    the step are added here. ``keep_last`` rotates older checkpoints out, except ``keep_steps``.
     """
     root = Path(root)
     tmp = root / f".tmp_step_{step:06d}"
-    final = _step_dir(root, step)
+    final = checkpoint_dir(root, step)
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp_step_*"):
@@ -114,8 +115,10 @@ def save_checkpoint(root: Path, step: int, trainer: PolicyTrainer, state: dict[s
             shutil.rmtree(final)
         os.replace(tmp, final)
         if keep_last:
+            kept = {checkpoint_dir(root, s) for s in keep_steps}
             for old in complete_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

@@ -12,6 +12,7 @@ positions in the whole step, so the estimator can merge a prompt's statistics ac
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -25,10 +26,11 @@ from megatron.core import parallel_state
 
 from ..algorithms import EBPOPrior, compute_advantages, groups_with_signal, overlong_penalty
 from ..config.schema import Config
+from ..config.typed import ConfigError
 from ..models.hf_mapping import Layout
 from ..rollout.base import RolloutEngine, SamplingParams
 from ..rollout.weight_export import export_hf_weights
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .policy_trainer import PolicyTrainer
 from .rollout_batch import build_policy_batch
 from .task import Task, TaskPrompt
@@ -133,19 +135,35 @@ def rollout_share(
 
 
 def evaluate(engine: RolloutEngine, task: Task, config: Config) -> dict[str, float]:
-    """Held-out pass@1: mean reward-correctness over ``rollout.eval_samples`` samples per prompt
-    at ``rollout.eval_temperature`` (0 = greedy)."""
+    """Held-out validation with k = ``rollout.eval_samples`` samples per prompt at
+    ``rollout.eval_temperature`` (0 = greedy): pass@1 = mean reward-correctness (score ≥ 1);
+    with k > 1 also maj@m, pass@m and pass@k (m = min(``rollout.eval_maj``, k); the paper's
+    validation curves are maj@16 and pass@16), computed as ``ebpo-eval`` does
+    (``evaluation.runner.benchmark_metrics``) with the task's voted answers."""
+    from ..evaluation.runner import EvalSettings, ProblemResult, benchmark_metrics
+
+    r = config.rollout
     params = SamplingParams(
-        n=config.rollout.eval_samples, temperature=config.rollout.eval_temperature,
-        max_new_tokens=config.rollout.max_new_tokens, stop_token_ids=task.stop_token_ids,
-        seed=config.run.seed,
+        n=r.eval_samples, temperature=r.eval_temperature, max_new_tokens=r.max_new_tokens,
+        stop_token_ids=task.stop_token_ids, seed=config.run.seed,
     )
     share = rollout_share(engine, task, task.held_out, 0, params)
-    correct = (share.rewards >= 1.0).double()
-    out = {"eval/pass@1": float(correct.mean())}
+    correct = (share.rewards >= 1.0).tolist()
+    out = {"eval/pass@1": sum(correct) / len(correct)}
     if task.strict_reward is not None:
         strict, _ = task.strict_reward(share.texts, share.answers)
         out["eval/strict_pass@1"] = sum(1.0 for s in strict if s >= 1.0) / len(strict)
+    if r.eval_samples > 1:
+        rows: dict[int, list[int]] = {}
+        for i, group in enumerate(share.group_ids.tolist()):
+            rows.setdefault(group, []).append(i)
+        problems = [ProblemResult(group, [correct[i] for i in members],
+                                  [task.voted_answer(share.texts[i]) for i in members])
+                    for group, members in rows.items()]
+        settings = EvalSettings(k=r.eval_samples, maj=min(r.eval_maj, r.eval_samples),
+                                temperature=r.eval_temperature, max_new_tokens=r.max_new_tokens)
+        metrics = benchmark_metrics(problems, settings, task.answer_equivalence)
+        out.update({f"eval/{key}": value for key, value in metrics.items() if key != "pass@1"})
     return _dp_mean(out, weights=float(len(share.rewards)))
 
 
@@ -160,14 +178,37 @@ class RLLoop:
         self.step = 0
         self.checkpoint_root = config.run.run_dir / "checkpoints"
         self._stop_signal: int | None = None
+        self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of run.best_metric
 
     # ------------------------------------------------------------------ checkpoint
     def state(self) -> dict[str, Any]:
-        return {"prior": self.prior.state_dict(), "sampler": self.sampler.state_dict()}
+        return {"prior": self.prior.state_dict(), "sampler": self.sampler.state_dict(), "best": self.best}
 
     def save(self) -> Path:
+        keep = (self.best["step"],) if self.best else ()
         return save_checkpoint(self.checkpoint_root, self.step, self.trainer, self.state(),
-                               keep_last=self.config.run.keep_last)
+                               keep_last=self.config.run.keep_last, keep_steps=keep)
+
+    def _track_best(self, metrics: dict[str, float]) -> bool:
+        """Record this step's evaluation when ``run.best_metric`` improved; True when it did
+        (the caller saves this step and names it in ``checkpoints/BEST``)."""
+        name = self.config.run.best_metric
+        if name is None:
+            return False
+        if name not in metrics:
+            raise ConfigError(f"run.best_metric {name!r}: not among the evaluation metrics "
+                              f"{sorted(k for k in metrics if k.startswith('eval/'))}")
+        if self.best is not None and metrics[name] <= self.best["value"]:
+            return False
+        self.best = {"metric": name, "value": float(metrics[name]), "step": self.step}
+        return True
+
+    def _write_best(self) -> None:
+        if self.best is not None and dist.get_rank() == 0:
+            record = {**self.best, "checkpoint": str(checkpoint_dir(self.checkpoint_root, self.best["step"]))}
+            tmp = self.checkpoint_root / "BEST.tmp"
+            tmp.write_text(json.dumps(record) + "\n")
+            tmp.replace(self.checkpoint_root / "BEST")  # atomic: a kill leaves the old or the new
 
     def try_resume(self) -> bool:
         latest = latest_checkpoint(self.checkpoint_root) if self.config.run.resume else None
@@ -176,6 +217,7 @@ class RLLoop:
         state = load_checkpoint(latest, self.trainer)
         self.prior.load_state_dict(state["prior"])
         self.sampler.load_state_dict(state["sampler"])
+        self.best = state.get("best")
         self.step = int(state["step"])
         return True
 
@@ -300,14 +342,17 @@ class RLLoop:
             last: dict[str, float] = {}
             while self.step < run.steps:
                 metrics = self.run_step()
+                improved = False
                 if self.step % run.eval_every == 0 or self.step == run.steps:
                     with self.generation_phase():
                         metrics.update(evaluate(self.engine, self.task, self.config))
+                    improved = self._track_best(metrics)
                 self.logger.log(self.step, metrics)
                 last = metrics
                 stopping = self._stop_agreed()
-                if self.step % run.save_every == 0 or self.step == run.steps or stopping:
+                if self.step % run.save_every == 0 or self.step == run.steps or stopping or improved:
                     self.save()
+                    self._write_best()
                 if stopping:
                     raise StopRequested(f"signal {self._stop_signal or 'on another rank'}: "
                                         f"checkpoint saved at step {self.step}")

@@ -23,7 +23,7 @@ from ..models import build_policy
 from ..parallel import cpu_compat, initialize, launch_info, shutdown
 from ..rollout.native_engine import NativeEngine
 from .batching import minibatch_slices
-from .checkpoint import latest_checkpoint, load_model, save_model
+from .checkpoint import checkpoint_dir, latest_checkpoint, load_model, save_model
 from .metrics_log import MetricsLogger, plot_run, read_metrics
 from .policy_trainer import PolicyTrainer
 from .rl_loop import RLLoop
@@ -72,16 +72,22 @@ def _vllm_model_dir(config: Config) -> Path:
     return directory
 
 
+def build_vllm_engine(config: Config):
+    """One colocated ``VLLMEngine`` per process for ``config.model`` (``rollout.vllm`` settings);
+    it starts without weights: the caller syncs them (``update_weights``) after ``wake``."""
+    from ..rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine.from_config(
+        config.rollout.vllm, _vllm_model_dir(config), seed=config.run.seed,
+        dtype="float32" if config.model.precision == "fp32" else "bfloat16",
+        max_model_len=config.model.max_position_embeddings,
+        gather_prompts=config.rollout.vllm.tensor_parallel > 1,
+        engine_kwargs={"skip_tokenizer_init": True})
+
+
 def _make_engine(config: Config, trainer: PolicyTrainer, task: Task):
     if config.rollout.engine == "vllm":
-        from ..rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine.from_config(
-            config.rollout.vllm, _vllm_model_dir(config), seed=config.run.seed,
-            dtype="float32" if config.model.precision == "fp32" else "bfloat16",
-            max_model_len=config.model.max_position_embeddings,
-            gather_prompts=config.rollout.vllm.tensor_parallel > 1,
-            engine_kwargs={"skip_tokenizer_init": True})
+        return build_vllm_engine(config)
     return NativeEngine(trainer.chunks[0].module, pad_token_id=task.tokenizer.pad_id,
                         max_sequence_length=config.model.max_position_embeddings,
                         max_batch_size=config.rollout.max_batch_size)
@@ -165,6 +171,8 @@ def _run(config: Config, started: float) -> dict[str, Any]:
             "wall_seconds": round(time.time() - started, 1),
             "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")),
         }
+        if loop.best is not None:  # run.best_metric: the checkpoint of the best evaluation
+            summary["best"] = {**loop.best, "checkpoint": str(checkpoint_dir(run_dir / "checkpoints", loop.best["step"]))}
         if task.strict_reward is not None:  # boxed = strict (boxed-only) accuracy, lenient = pass@1
             for name, key in (("boxed", "eval/strict_pass@1"), ("lenient", "eval/pass@1")):
                 summary[f"heldout_{name}_acc_start"] = evals[0].get(key) if evals else None

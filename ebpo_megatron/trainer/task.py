@@ -33,6 +33,13 @@ class TextTokenizer(Protocol):
 RewardFn = Callable[[list[str], list[str]], tuple[list[float], dict[str, float]]]
 
 
+def extracted_answer(response: str) -> str | None:
+    """The final answer of a response (``\\boxed{}``, else "the answer is", else the last number)."""
+    from ..rewards.answer_extraction import extract_answer
+
+    return extract_answer(response).answer
+
+
 @dataclass
 class Task:
     """Prompts, tokenizer and reward of one training run."""
@@ -45,3 +52,7 @@ class Task:
     sft_pairs: list[tuple[list[int], list[int]]] = field(default_factory=list)
     # e.g. boxed-only correctness: evaluate() reports the fraction scoring >= 1 as eval/strict_pass@1
     strict_reward: RewardFn | None = None
+    # the answer a response casts in a majority vote (maj@m), and when two answers are the same
+    # (None: equal after answer-string normalization)
+    voted_answer: Callable[[str], str | None] = extracted_answer
+    answer_equivalence: Callable[[str, str], bool] | None = None

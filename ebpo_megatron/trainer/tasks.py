@@ -34,7 +34,8 @@ def build_synthetic_task(config: Config, run_dir: Path) -> Task:
     sft = [([tokenizer.bos_id] + tokenizer.encode(p.prompt), tokenizer.encode(p.answer) + [tokenizer.eos_id])
            for p in train]
     return Task(train=prompts(train), held_out=prompts(held_out), tokenizer=tokenizer,
-                reward=SafeReward(score_response), stop_token_ids=(tokenizer.eos_id,), sft_pairs=sft)
+                reward=SafeReward(score_response), stop_token_ids=(tokenizer.eos_id,), sft_pairs=sft,
+                voted_answer=lambda response: response.strip() or None)  # the reward compares the text
 
 
 class HFTokenizer:
@@ -73,6 +74,7 @@ def build_math_task(config: Config) -> Task:
 
     from ..data.math_datasets import load_math_dataset
     from ..data.math_prompts import ChatPromptRenderer
+    from ..evaluation.metrics import MathVerifyEquivalence
     from ..rewards.math import MathReward, MathRewardConfig
 
     data = config.data
@@ -101,7 +103,7 @@ def build_math_task(config: Config) -> Task:
     held_out = prompts(data.eval_files, "eval_files") if data.eval_files else train[: min(64, len(train))]
     reward = MathReward(MathRewardConfig())
     return Task(train=train, held_out=held_out, tokenizer=tokenizer, reward=_math_reward(reward),
-                stop_token_ids=(tokenizer.eos_id,))
+                stop_token_ids=(tokenizer.eos_id,), answer_equivalence=MathVerifyEquivalence(reward))
 
 
 def build_chat_arith_task(config: Config) -> Task:
