@@ -96,6 +96,7 @@ def test_lenient_and_strict_rewards(reply, lenient, strict, boxed):
     result = reward.score(reply, "12")
     assert result.score == pytest.approx(lenient) and result.boxed == boxed
     assert strict_scores(reward, [reply], ["12"]) == [strict]
+    assert make_reward(0.0, require_box=True).score(reply, "12").score == strict  # reward: boxed
 
 
 def test_format_reward_is_configurable():
@@ -146,7 +147,8 @@ def test_task_from_config(chat_tokenizer_dir, tmp_path):
     replies = ["\\boxed{12}", "so 12", "\\boxed{3}"]
     scores, stats = task.reward(replies, ["12"] * 3)
     assert scores == pytest.approx([1.2, 1.0, 0.0]) and stats["reward/boxed_frac"] == pytest.approx(2 / 3)
-    assert task.strict_reward(replies, ["12"] * 3)[0] == [1.0, 0.0, 0.0]
+    assert task.eval_rewards["strict"](replies, ["12"] * 3)[0] == [1.0, 0.0, 0.0]
+    assert task.eval_rewards["lenient"](replies, ["12"] * 3)[0] == [1.0, 1.0, 0.0]
 
 
 def test_config_validation(tmp_path):

@@ -254,7 +254,8 @@ def _eval_held_out(rank: int, world: int, checkpoint: str, engine: str) -> dict:
 
     vllm_engine._VLLMBackend = hf_vllm_backend.HFBackedVLLM  # the only vLLM-specific class
     config, run_dir = resolve_config(Path(checkpoint), None, [f"rollout.engine={engine}"])
-    done = run_evaluation(config, Path(checkpoint), run_dir, [], EvalSettings(k=2, maj=2, temperature=0.0))
+    settings = EvalSettings(k=2, maj=2, temperature=0.0, max_new_tokens=config.rollout.max_new_tokens)
+    done = run_evaluation(config, Path(checkpoint), run_dir, [], settings)
     return {"problems": [(p.uid, p.correct, p.answers) for p in done.results[0].problems],
             "prompts_seen": hf_vllm_backend.PROMPTS_SEEN[0], "events": list(hf_vllm_backend.EVENTS)}
 

@@ -72,6 +72,9 @@ class ChatArithConfig:
     num_eval: int = 200
     levels: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     instruction: str = DEFAULT_INSTRUCTION
+    # "lenient": correct by the final answer (box, "the answer is", last number) + format_reward
+    # when that correct answer is boxed; "boxed": 1 only for the correct answer in the last box
+    reward: Literal["lenient", "boxed"] = "lenient"
     format_reward: float = 0.1
 
     def __post_init__(self) -> None:
@@ -83,6 +86,9 @@ class ChatArithConfig:
                               f"got {self.levels}")
         if not 0.0 <= self.format_reward < 1.0:  # pass@1 counts reward >= 1 as correct
             raise ConfigError(f"data.chat_arith.format_reward: expected 0 <= value < 1, got {self.format_reward}")
+        if self.reward == "boxed" and self.format_reward:
+            raise ConfigError("data.chat_arith.format_reward: applies to reward 'lenient'; with reward "
+                              f"'boxed' set it to 0 (got {self.format_reward})")
 
 
 @dataclass

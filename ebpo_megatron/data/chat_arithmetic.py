@@ -145,15 +145,17 @@ class IntegerAnswerReward:
     that a wrong answer can collect.
     """
 
-    def __init__(self, reward: MathReward) -> None:
+    def __init__(self, reward: MathReward, require_box: bool = False) -> None:
         self.reward = reward
+        self.require_box = require_box  # correct only inside the last \\boxed{} (the strict score)
 
     def score_batch(self, responses: Sequence[str], answers: Sequence[str], **kwargs: Any) -> list[RewardResult]:
         config = self.reward.config
         weight = config.format_weight if kwargs.get("format_weight") is None else float(kwargs["format_weight"])
         out = []
         for r in self.reward.score_batch(responses, answers, **kwargs):
-            correct = r.correct and bool(_INTEGER.fullmatch((r.extracted or "").strip()))
+            correct = (r.correct and bool(_INTEGER.fullmatch((r.extracted or "").strip()))
+                       and (r.boxed or not self.require_box))
             score = config.correct_score + weight * r.boxed if correct else config.incorrect_score
             out.append(dataclasses.replace(r, correct=correct, score=float(score)))
         return out
@@ -165,10 +167,12 @@ class IntegerAnswerReward:
         self.reward.close()
 
 
-def make_reward(format_reward: float) -> IntegerAnswerReward:
+def make_reward(format_reward: float, require_box: bool = False) -> IntegerAnswerReward:
     """The lenient reward: correctness (box, "the answer is", last number; integers only), plus
-    ``format_reward`` when the correct answer is boxed."""
-    return IntegerAnswerReward(MathReward(MathRewardConfig(lenient=True, format_weight=format_reward)))
+    ``format_reward`` when the correct answer is boxed; ``require_box``: the strict reward, 1 for
+    a correct integer in the last box, else 0."""
+    return IntegerAnswerReward(MathReward(MathRewardConfig(lenient=True, format_weight=format_reward)),
+                               require_box=require_box)
 
 
 def strict_scores(reward: IntegerAnswerReward, responses: Sequence[str], answers: Sequence[str]) -> list[float]:

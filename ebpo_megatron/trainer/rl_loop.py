@@ -150,9 +150,9 @@ def evaluate(engine: RolloutEngine, task: Task, config: Config) -> dict[str, flo
     share = rollout_share(engine, task, task.held_out, 0, params)
     correct = (share.rewards >= 1.0).tolist()
     out = {"eval/pass@1": sum(correct) / len(correct)}
-    if task.strict_reward is not None:
-        strict, _ = task.strict_reward(share.texts, share.answers)
-        out["eval/strict_pass@1"] = sum(1.0 for s in strict if s >= 1.0) / len(strict)
+    for name, reward in task.eval_rewards.items():
+        scores, _ = reward(share.texts, share.answers)
+        out[f"eval/{name}_pass@1"] = sum(1.0 for s in scores if s >= 1.0) / len(scores)
     if r.eval_samples > 1:
         rows: dict[int, list[int]] = {}
         for i, group in enumerate(share.group_ids.tolist()):

@@ -173,8 +173,8 @@ def _run(config: Config, started: float) -> dict[str, Any]:
         }
         if loop.best is not None:  # run.best_metric: the checkpoint of the best evaluation
             summary["best"] = {**loop.best, "checkpoint": str(checkpoint_dir(run_dir / "checkpoints", loop.best["step"]))}
-        if task.strict_reward is not None:  # boxed = strict (boxed-only) accuracy, lenient = pass@1
-            for name, key in (("boxed", "eval/strict_pass@1"), ("lenient", "eval/pass@1")):
+        if {"strict", "lenient"} <= set(task.eval_rewards):  # chat_arith: boxed = strict accuracy
+            for name, key in (("boxed", "eval/strict_pass@1"), ("lenient", "eval/lenient_pass@1")):
                 summary[f"heldout_{name}_acc_start"] = evals[0].get(key) if evals else None
                 summary[f"heldout_{name}_acc_end"] = evals[-1].get(key) if evals else None
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

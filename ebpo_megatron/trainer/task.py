@@ -50,8 +50,9 @@ class Task:
     reward: RewardFn
     stop_token_ids: tuple[int, ...]
     sft_pairs: list[tuple[list[int], list[int]]] = field(default_factory=list)
-    # e.g. boxed-only correctness: evaluate() reports the fraction scoring >= 1 as eval/strict_pass@1
-    strict_reward: RewardFn | None = None
+    # more held-out accuracies: evaluate() logs the fraction scoring >= 1 under reward NAME as
+    # eval/NAME_pass@1 (chat_arith: "strict", boxed answers only, and "lenient")
+    eval_rewards: dict[str, RewardFn] = field(default_factory=dict)
     # the answer a response casts in a majority vote (maj@m), and when two answers are the same
     # (None: equal after answer-string normalization)
     voted_answer: Callable[[str], str | None] = extracted_answer

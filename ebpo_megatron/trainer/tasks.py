@@ -108,7 +108,7 @@ def build_math_task(config: Config) -> Task:
 
 def build_chat_arith_task(config: Config) -> Task:
     """Generated arithmetic questions in the tokenizer's chat template (data/chat_arithmetic.py):
-    lenient reward with a format bonus, strict boxed-only accuracy reported beside it."""
+    the reward of ``data.chat_arith.reward``; strict (boxed) and lenient accuracy both evaluated."""
     from ..data import chat_arithmetic as ca
     from ..data.math_prompts import load_tokenizer
 
@@ -127,10 +127,11 @@ def build_chat_arith_task(config: Config) -> Task:
                              f"up to {longest} tokens")
         return [TaskPrompt(p.uid, i, p.answer, p.topic, p.difficulty) for p, i in zip(problems, ids)]
 
-    reward = ca.make_reward(cfg.format_reward)
+    reward = ca.make_reward(cfg.format_reward, require_box=cfg.reward == "boxed")
+    strict, lenient = ca.make_reward(0.0, require_box=True), ca.make_reward(0.0)
     return Task(train=prompts(train), held_out=prompts(held_out), tokenizer=tokenizer,
                 reward=_math_reward(reward), stop_token_ids=(tokenizer.eos_id,),
-                strict_reward=lambda responses, answers: (ca.strict_scores(reward, responses, answers), {}))
+                eval_rewards={"strict": _math_reward(strict), "lenient": _math_reward(lenient)})
 
 
 def build_task(config: Config, run_dir: Path) -> Task:
