@@ -18,9 +18,11 @@ level 2's 8100.
 
 Rewards (``rewards/math.py``, integer answers compared exactly, without worker processes):
 
-* the training reward is lenient: the last ``\\boxed{}``, else "the answer is …", else the last
-  number decides correctness (1.0), plus ``format_reward`` when the correct answer was boxed;
-* the strict score is 1.0 only for a correct answer inside the last ``\\boxed{}``.
+* the lenient reward (``data.chat_arith.reward: lenient``): the last ``\\boxed{}``, else "the answer
+  is …", else the last number decides correctness (1.0), plus ``format_reward`` when the correct
+  answer was boxed;
+* the strict score (``reward: boxed``, and the held-out strict accuracy) is 1.0 only for a
+  correct answer inside the last ``\\boxed{}``.
 """
 
 from __future__ import annotations
