@@ -36,7 +36,6 @@ from ebpo_megatron.data.chat_arithmetic import (
     make_reward,
     make_split,
     render_prompts,
-    strict_scores,
 )
 
 
@@ -68,15 +67,14 @@ def score(problems: Sequence[ChatArithProblem], replies: Sequence[str], samples:
     reward = make_reward(format_reward)
     answers = [p.answer for p in problems for _ in range(samples)]
     lenient = reward.score_batch(list(replies), answers)
-    strict = strict_scores(reward, replies, answers)
     reward.close()
     sums: dict[str, dict[str, float]] = defaultdict(lambda: {"n": 0, "strict": 0.0, "lenient": 0.0, "boxed": 0.0})
-    for i, (result, s) in enumerate(zip(lenient, strict)):
+    for i, result in enumerate(lenient):
         level = problems[i // samples].level
         for key in (f"level{level}", "all"):
             row = sums[key]
             row["n"] += 1
-            row["strict"] += s
+            row["strict"] += float(result.correct and result.boxed)  # = make_reward(.., require_box=True)
             row["lenient"] += float(result.correct)
             row["boxed"] += float(result.boxed)
     return {key: {"n": row["n"], **{k: round(row[k] / row["n"], 4) for k in ("strict", "lenient", "boxed")}}

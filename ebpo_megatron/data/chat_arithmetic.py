@@ -175,9 +175,3 @@ def make_reward(format_reward: float, require_box: bool = False) -> IntegerAnswe
     a correct integer in the last box, else 0."""
     return IntegerAnswerReward(MathReward(MathRewardConfig(lenient=True, format_weight=format_reward)),
                                require_box=require_box)
-
-
-def strict_scores(reward: IntegerAnswerReward, responses: Sequence[str], answers: Sequence[str]) -> list[float]:
-    """1.0 where the reply's last ``\\boxed{}`` holds the right answer, else 0.0 (no fallback)."""
-    results = reward.score_batch(responses, answers, lenient=False, format_weight=0.0)
-    return [1.0 if r.correct and r.boxed else 0.0 for r in results]

@@ -55,6 +55,7 @@ R = TypeVar("R")
 Scorer = Callable[[list[str], list[str]], tuple[list[bool], list[str | None]]]
 """(response texts, reference answers) -> (correct, extracted answer or None) per response."""
 
+
 class EvalInputError(ValueError):
     """Bad user input (a missing file, a setting out of range); the message names it."""
 
