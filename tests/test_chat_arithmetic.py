@@ -128,11 +128,12 @@ def chat_tokenizer_dir(tmp_path: Path, monkeypatch) -> Path:
 def test_task_from_config(chat_tokenizer_dir, tmp_path):
     from ebpo_megatron.trainer.tasks import build_task
 
-    config = load_config(None, [
+    overrides = [
         "data.task=chat_arith", f"data.tokenizer_dir={chat_tokenizer_dir}", "model.vocab_size=512",
         "data.chat_arith.num_train=50", "data.chat_arith.num_eval=20", "data.chat_arith.levels=[0, 3]",
         "data.chat_arith.format_reward=0.2",
-    ])
+    ]
+    config = load_config(None, overrides)
     task = build_task(config, tmp_path)
     assert len(task.train) == 50 and len(task.held_out) == 20
     assert {p.topic for p in task.train} == {LEVEL_TOPICS[0], LEVEL_TOPICS[3]}
@@ -142,6 +143,18 @@ def test_task_from_config(chat_tokenizer_dir, tmp_path):
     text = task.tokenizer.tokenizer.decode(list(task.held_out[0].token_ids))
     assert text.startswith("<|im_start|>user\nWhat is ") and text.endswith(
         "? Put the final answer in \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+
+    # warm-start pairs: every training prompt, target "<expression> = \\boxed{<answer>}" + end of turn
+    assert len(task.sft_pairs) == len(task.train)
+    for prompt, (sft_prompt, target) in zip(task.train, task.sft_pairs):
+        assert sft_prompt == list(prompt.token_ids) and target[-1] == eos
+        expression = task.tokenizer.tokenizer.decode(list(prompt.token_ids)).split("What is ")[1].split("?")[0]
+        reply = task.tokenizer.decode(target[:-1])
+        assert reply == f"{expression} = \\boxed{{{prompt.answer}}}"
+        assert task.eval_rewards["strict"]([reply], [prompt.answer])[0] == [1.0]
+    only_three = build_task(load_config(None, [*overrides, "data.chat_arith.sft_levels=[3]"]), tmp_path)
+    level_three = [p for p in only_three.train if p.topic == LEVEL_TOPICS[3]]
+    assert [prompt for prompt, _ in only_three.sft_pairs] == [list(p.token_ids) for p in level_three]
 
     replies = ["\\boxed{12}", "so 12", "\\boxed{3}"]
     scores, stats = task.reward(replies, ["12"] * 3)
@@ -158,3 +171,7 @@ def test_config_validation(tmp_path):
         load_config(None, [*base, "data.chat_arith.format_reward=1.0"])
     with pytest.raises(ConfigError, match="levels"):
         load_config(None, [*base, "data.chat_arith.levels=[5]"])
+    with pytest.raises(ConfigError, match="sft_levels"):
+        load_config(None, [*base, "data.chat_arith.levels=[0, 3]", "data.chat_arith.sft_levels=[2]"])
+    with pytest.raises(ConfigError, match="sft: expected steps >= 0"):
+        load_config(None, [*base, "sft.steps=-1"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,27 @@ def test_run_directory_has_metrics_config_plot_and_checkpoint(straight):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["estimator"] == "ebpo"
     assert "held-out pass@1" in output
+
+
+def test_eval_before_sft_scores_the_weights_as_loaded(tmp_path):
+    """``sft.eval_before`` evaluates the loaded weights before the warm start changes them: a run
+    started from another run's post-warm-start weights (its frozen reference copy) reports, before
+    its own warm start, that run's step-0 evaluation (computed by the trainer's engine)."""
+    larger = ["sft.steps=600", "model.hidden_size=64", "model.ffn_hidden_size=128", "data.synthetic.num_eval=100"]
+    first = subprocess.run(command(tmp_path / "first", "run.steps=1", *larger),
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_dir = tmp_path / "first" / "e2e"
+    step0 = last_rows(first_dir / "metrics.jsonl")[0]
+    assert step0["eval/pass@1"] > 0.0  # the untrained model scores 0: the check below can tell them apart
+    shutil.copytree(first_dir / "tokenizer", tmp_path / "second" / "e2e" / "tokenizer")  # the same pieces
+    second = subprocess.run(command(tmp_path / "second", "run.steps=1", *larger, "sft.steps=2",
+                                    "sft.eval_before=true", f"model.checkpoint={first_dir / 'reference'}"),
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    before = json.loads((tmp_path / "second" / "e2e" / "summary.json").read_text())["before_sft"]
+    assert before["eval/pass@1"] == step0["eval/pass@1"]
+    assert "[sft] before the warm start: eval/pass@1" in second.stdout
 
 
 def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(straight, tmp_path):

@@ -7,7 +7,7 @@
     rollout    engine and sampling (G = ``rollout.n``)
     algorithm  advantage estimator, DAPO sampling options, the PPO loss
     train      how a step's batch is used (epochs, mini/micro-batches), the optimizer
-    sft        the supervised warm start of the embedded default
+    sft        the supervised warm start (embedded default, chat_arith)
 
 ``load_config(path, overrides)`` validates everything before any model or process-group work.
 """
@@ -76,6 +76,9 @@ class ChatArithConfig:
     # when that correct answer is boxed; "boxed": 1 only for the correct answer in the last box
     reward: Literal["lenient", "boxed"] = "lenient"
     format_reward: float = 0.1
+    # the levels whose training problems the supervised warm start (sft.steps > 0) answers with
+    # "7 + 5 = \\boxed{12}"; empty = all of ``levels``
+    sft_levels: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("num_train", "num_eval"):
@@ -84,6 +87,9 @@ class ChatArithConfig:
         if not self.levels or not set(self.levels) <= set(LEVEL_TOPICS):
             raise ConfigError(f"data.chat_arith.levels: expected a non-empty subset of {sorted(LEVEL_TOPICS)}, "
                               f"got {self.levels}")
+        if not set(self.sft_levels) <= set(self.levels):
+            raise ConfigError(f"data.chat_arith.sft_levels: expected a subset of levels {self.levels}, "
+                              f"got {self.sft_levels}")
         if not 0.0 <= self.format_reward < 1.0:  # pass@1 counts reward >= 1 as correct
             raise ConfigError(f"data.chat_arith.format_reward: expected 0 <= value < 1, got {self.format_reward}")
         if self.reward == "boxed" and self.format_reward:
@@ -183,9 +189,19 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig:
+    """Supervised warm start on the task's ``sft_pairs`` before RL (fresh runs only)."""
+
     steps: int = 0
     lr: float = 3e-3
     batch_size: int = 64
+    # evaluate the held-out set before the warm start too (summary.json "before_sft"), so that the
+    # warm start's and RL's shares of the gain are reported apart
+    eval_before: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(f"sft: expected steps >= 0, batch_size >= 1, lr > 0; got steps {self.steps}, "
+                              f"batch_size {self.batch_size}, lr {self.lr}")
 
 
 @dataclass

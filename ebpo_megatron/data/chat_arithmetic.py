@@ -120,6 +120,12 @@ def user_message(problem: ChatArithProblem, instruction: str) -> str:
     return f"{problem.question()} {instruction}" if instruction else problem.question()
 
 
+def worked_answer(problem: ChatArithProblem) -> str:
+    """The supervised warm start's target reply, the question restated with its boxed result:
+    ``"7 + 5 = \\boxed{12}"`` (strict score 1 by construction)."""
+    return f"{problem.expression} = \\boxed{{{problem.answer}}}"
+
+
 def render_prompts(problems: Sequence[ChatArithProblem], tokenizer: Any, instruction: str = DEFAULT_INSTRUCTION
                    ) -> list[tuple[int, ...]]:
     """Chat-template token ids of each problem's prompt (``ChatPromptRenderer``, generation prompt added)."""

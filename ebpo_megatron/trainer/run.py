@@ -1,6 +1,7 @@
 """Assemble a training run from its config and run it (``ebpo-train``).
 
-process groups -> task (tokenizer) -> policy chunks -> warm start (fresh runs) -> frozen
+process groups -> task (tokenizer) -> policy chunks -> warm start (fresh runs; with
+``sft.eval_before`` a held-out evaluation before it) -> frozen
 reference -> PolicyTrainer -> rollout engine -> curriculum sampler -> RLLoop (resuming from the
 run directory's latest complete checkpoint) -> plot and summary.
 """
@@ -26,11 +27,14 @@ from .batching import minibatch_slices
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_model, save_model
 from .metrics_log import MetricsLogger, plot_run, read_metrics
 from .policy_trainer import PolicyTrainer
-from .rl_loop import RLLoop
+from .rl_loop import RLLoop, evaluate
 from .rollout_batch import build_policy_batch
 from .task import Task
 from .tasks import build_task
 from .warm_start import sft_warm_start
+
+
+BEFORE_SFT_FILE = "before_sft.json"
 
 
 class _SilentLogger:
@@ -85,12 +89,25 @@ def build_vllm_engine(config: Config):
         engine_kwargs={"skip_tokenizer_init": True})
 
 
+def _evaluate_before_sft(model: torch.nn.Module, task: Task, config: Config) -> None:
+    """Held-out evaluation of the loaded weights with the native engine, written to
+    ``<run_dir>/before_sft.json`` (kept across resumes; the summary reports it)."""
+    metrics = evaluate(_native_engine(model, task, config), task, config)
+    if _is_rank0():
+        (config.run.run_dir / BEFORE_SFT_FILE).write_text(json.dumps(metrics, indent=1))
+        print("[sft] before the warm start: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+
+
+def _native_engine(model: torch.nn.Module, task: Task, config: Config) -> NativeEngine:
+    return NativeEngine(model, pad_token_id=task.tokenizer.pad_id,
+                        max_sequence_length=config.model.max_position_embeddings,
+                        max_batch_size=config.rollout.max_batch_size)
+
+
 def _make_engine(config: Config, trainer: PolicyTrainer, task: Task):
     if config.rollout.engine == "vllm":
         return build_vllm_engine(config)
-    return NativeEngine(trainer.chunks[0].module, pad_token_id=task.tokenizer.pad_id,
-                        max_sequence_length=config.model.max_position_embeddings,
-                        max_batch_size=config.rollout.max_batch_size)
+    return _native_engine(trainer.chunks[0].module, task, config)
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -122,7 +139,13 @@ def _run(config: Config, started: float) -> dict[str, Any]:
     sft_losses: list[float] = []
     if not resuming and config.model.checkpoint:
         load_model(Path(config.model.checkpoint), chunks)
+    if not resuming and _is_rank0():
+        (run_dir / BEFORE_SFT_FILE).unlink(missing_ok=True)  # a previous run's, in a reused run directory
     if not resuming and config.sft.steps > 0:
+        if not task.sft_pairs:
+            raise ValueError(f"sft.steps {config.sft.steps}: task '{config.data.task}' has no warm-start pairs")
+        if config.sft.eval_before:
+            _evaluate_before_sft(chunks[0], task, config)
         sft_losses = sft_warm_start(chunks[0], _sft_batches(task, config), lr=config.sft.lr,
                                     log_every=max(config.sft.steps // 5, 1))
     ref_chunks = None
@@ -173,10 +196,16 @@ def _run(config: Config, started: float) -> dict[str, Any]:
         }
         if loop.best is not None:  # run.best_metric: the checkpoint of the best evaluation
             summary["best"] = {**loop.best, "checkpoint": str(checkpoint_dir(run_dir / "checkpoints", loop.best["step"]))}
+        before_sft_file = run_dir / BEFORE_SFT_FILE
+        before_sft = json.loads(before_sft_file.read_text()) if before_sft_file.is_file() else None
+        if before_sft is not None:
+            summary["before_sft"] = before_sft
         if {"strict", "lenient"} <= set(task.eval_rewards):  # chat_arith: boxed = strict accuracy
             for name, key in (("boxed", "eval/strict_pass@1"), ("lenient", "eval/lenient_pass@1")):
                 summary[f"heldout_{name}_acc_start"] = evals[0].get(key) if evals else None
                 summary[f"heldout_{name}_acc_end"] = evals[-1].get(key) if evals else None
+                if before_sft is not None:
+                    summary[f"heldout_{name}_acc_before_sft"] = before_sft.get(key)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"held-out pass@1: {summary['heldout_pass@1_start']:.3f} (start) -> "
               f"{summary['heldout_pass@1_end']:.3f} (end); {summary['wall_seconds']} s; "

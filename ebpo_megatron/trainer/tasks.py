@@ -108,7 +108,9 @@ def build_math_task(config: Config) -> Task:
 
 def build_chat_arith_task(config: Config) -> Task:
     """Generated arithmetic questions in the tokenizer's chat template (data/chat_arithmetic.py):
-    the reward of ``data.chat_arith.reward``; strict (boxed) and lenient accuracy both evaluated."""
+    the reward of ``data.chat_arith.reward``; strict (boxed) and lenient accuracy both evaluated;
+    warm-start pairs (prompt, ``worked_answer`` + end of turn) from the training problems of
+    ``data.chat_arith.sft_levels``."""
     from ..data import chat_arithmetic as ca
     from ..data.math_prompts import load_tokenizer
 
@@ -127,10 +129,15 @@ def build_chat_arith_task(config: Config) -> Task:
                              f"up to {longest} tokens")
         return [TaskPrompt(p.uid, i, p.answer, p.topic, p.difficulty) for p, i in zip(problems, ids)]
 
-    reward = ca.make_reward(cfg.format_reward, require_box=cfg.reward == "boxed")
+    train_prompts = prompts(train)
+    # warm start (sft.steps > 0): training prompts of the sft levels -> "7 + 5 = \\boxed{12}" + end of turn
+    sft_levels = set(cfg.sft_levels or cfg.levels)
+    sft = [(list(prompt.token_ids), tokenizer.encode(ca.worked_answer(problem)) + [tokenizer.eos_id])
+           for problem, prompt in zip(train, train_prompts) if problem.level in sft_levels]
     strict, lenient = ca.make_reward(0.0, require_box=True), ca.make_reward(0.0)
-    return Task(train=prompts(train), held_out=prompts(held_out), tokenizer=tokenizer,
-                reward=_math_reward(reward), stop_token_ids=(tokenizer.eos_id,),
+    reward = strict if cfg.reward == "boxed" else ca.make_reward(cfg.format_reward)  # boxed: format_reward = 0
+    return Task(train=train_prompts, held_out=prompts(held_out), tokenizer=tokenizer,
+                reward=_math_reward(reward), stop_token_ids=(tokenizer.eos_id,), sft_pairs=sft,
                 eval_rewards={"strict": _math_reward(strict), "lenient": _math_reward(lenient)})
 
 

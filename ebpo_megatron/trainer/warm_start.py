@@ -3,7 +3,7 @@
 Minimizes the token-mean negative log-likelihood of the answer tokens,
     L = −(1/N_tok) Σ_{b,t} mask_{b,t} · log π(tokens[b, t+1] | tokens[b, ≤t]),
 with torch AdamW on the raw GPTModel (no DDP wrapper, so the RL trainer can wrap the same
-module afterwards). Data parallel: each rank's loss is normalized by the global token count
+module afterwards); the output layer runs from the batch's first target position on. Data parallel: each rank's loss is normalized by the global token count
 and gradients are summed over the DP group, which gives the full-batch gradient. TP works
 through the model's own collectives (TP-replicated parameters see identical gradients).
 Pipeline parallelism is not supported here: warm-start a PP model offline.
@@ -47,6 +47,9 @@ def sft_warm_start(
         raise ValueError("sft.steps > 0 needs parallel.pipeline_parallel = 1 (warm-start PP models offline)")
     dp_group = parallel_state.get_data_parallel_group()
     tp_group = parallel_state.get_tensor_model_parallel_group()
+    # the output layer only from the first target position (models.policy_model), unless the
+    # sequence is split over ranks
+    skip_prompt_logits = not (model.config.sequence_parallel or model.config.context_parallel_size > 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
@@ -56,10 +59,11 @@ def sft_warm_start(
         total = tokens_here.clone().double()
         dist.all_reduce(total, group=dp_group)
         positions = torch.arange(batch.tokens.shape[1]).unsqueeze(0).expand_as(batch.tokens)
-        logits = model(batch.tokens, positions, None)
-        logp = vocab_parallel_logprobs(logits[:, :-1].float(), batch.tokens[:, 1:], tp_group,
+        start = batch.response_start() if skip_prompt_logits else 0
+        logits = model(batch.tokens, positions, None, logits_from=start)
+        logp = vocab_parallel_logprobs(logits[:, :-1].float(), batch.tokens[:, start + 1:], tp_group,
                                        vocab_size=getattr(model, "real_vocab_size", None))
-        loss = -(logp * batch.loss_mask).sum() / total.float().clamp(min=1.0)
+        loss = -(logp * batch.loss_mask[:, start:]).sum() / total.float().clamp(min=1.0)
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
         if dist.get_world_size(dp_group) > 1:
