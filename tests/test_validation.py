@@ -17,6 +17,7 @@ from test_train_e2e import ROOT, command, env, last_rows
 # two held-out problems, k = 4 scripted responses each (answers as the reward sees them)
 SCRIPT = {0: ["5", "7", "5", "3"], 1: ["9", "8", "8", "2"]}
 ANSWERS = {0: "5", 1: "9"}
+TOPICS = {0: "sums", 1: "products"}
 
 
 def _evaluate(rank, world):
@@ -49,20 +50,23 @@ def _evaluate(rank, world):
         return [1.0 if t == f"The answer is {a}." else 0.0 for t, a in zip(texts, answers)], {}
 
     initialize(ParallelConfig(), ModelConfig())
-    held_out = [TaskPrompt(uid, (uid,), ANSWERS[uid]) for uid in SCRIPT]
+    held_out = [TaskPrompt(uid, (uid,), ANSWERS[uid], topic=TOPICS[uid]) for uid in SCRIPT]
     task = Task(train=held_out, held_out=held_out, tokenizer=Tokenizer(), reward=reward, stop_token_ids=(0,))
     config = Config()
     config.rollout.eval_samples, config.rollout.eval_maj = 4, 2
     return evaluate(Scripted(), task, config)
 
 
-def test_validation_metrics_equal_hand_computed_values():
-    metrics = run_ranks(_evaluate, 1)[0]
+@pytest.mark.parametrize("world", [1, 2])
+def test_validation_metrics_equal_hand_computed_values(world):
+    [metrics, *others] = run_ranks(_evaluate, world)
+    assert all(other == metrics for other in others)  # every DP rank logs the same values
     # problem 0: correct [1, 0, 1, 0]; problem 1: correct [1, 0, 0, 0]
     # maj@2: first two answers tie (5 vs 7 -> 5, right; 9 vs 8 -> 9, right)
     # pass@2 = 1 - C(4-c, 2) / C(4, 2): c=2 -> 5/6, c=1 -> 1/2;  pass@4 = 1 for c >= 1
     expected = {"eval/pass@1": (Fraction(2, 4) + Fraction(1, 4)) / 2, "eval/maj@2": 1,
-                "eval/pass@2": (Fraction(5, 6) + Fraction(1, 2)) / 2, "eval/pass@4": 1}
+                "eval/pass@2": (Fraction(5, 6) + Fraction(1, 2)) / 2, "eval/pass@4": 1,
+                "eval/pass@1/sums": Fraction(2, 4), "eval/pass@1/products": Fraction(1, 4)}
     assert set(metrics) == set(expected)
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(float(value), abs=1e-12), key

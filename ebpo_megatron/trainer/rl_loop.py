@@ -139,7 +139,8 @@ def evaluate(engine: RolloutEngine, task: Task, config: Config) -> dict[str, flo
     ``rollout.eval_temperature`` (0 = greedy): pass@1 = mean reward-correctness (score ≥ 1);
     with k > 1 also maj@m, pass@m and pass@k (m = min(``rollout.eval_maj``, k); the paper's
     validation curves are maj@16 and pass@16), computed as ``ebpo-eval`` does
-    (``evaluation.runner.benchmark_metrics``) with the task's voted answers."""
+    (``evaluation.runner.benchmark_metrics``) with the task's voted answers; pass@1 and each of
+    ``task.eval_rewards`` also per topic (:func:`_per_topic`)."""
     from ..evaluation.runner import EvalSettings, ProblemResult, benchmark_metrics
 
     r = config.rollout
@@ -150,9 +151,11 @@ def evaluate(engine: RolloutEngine, task: Task, config: Config) -> dict[str, flo
     share = rollout_share(engine, task, task.held_out, 0, params)
     correct = (share.rewards >= 1.0).tolist()
     out = {"eval/pass@1": sum(correct) / len(correct)}
+    correct_by_name = {"pass@1": correct}
     for name, reward in task.eval_rewards.items():
         scores, _ = reward(share.texts, share.answers)
-        out[f"eval/{name}_pass@1"] = sum(1.0 for s in scores if s >= 1.0) / len(scores)
+        correct_by_name[f"{name}_pass@1"] = [s >= 1.0 for s in scores]
+        out[f"eval/{name}_pass@1"] = sum(correct_by_name[f"{name}_pass@1"]) / len(scores)
     if r.eval_samples > 1:
         rows: dict[int, list[int]] = {}
         for i, group in enumerate(share.group_ids.tolist()):
@@ -164,7 +167,29 @@ def evaluate(engine: RolloutEngine, task: Task, config: Config) -> dict[str, flo
                                 temperature=r.eval_temperature, max_new_tokens=r.max_new_tokens)
         metrics = benchmark_metrics(problems, settings, task.answer_equivalence)
         out.update({f"eval/{key}": value for key, value in metrics.items() if key != "pass@1"})
-    return _dp_mean(out, weights=float(len(share.rewards)))
+    return {**_dp_mean(out, weights=float(len(share.rewards))), **_per_topic(task, share.group_ids, correct_by_name)}
+
+
+MAX_TOPICS_LOGGED = 20
+
+
+def _per_topic(task: Task, held_out_index: torch.Tensor, correct_by_name: dict[str, list[bool]]) -> dict[str, float]:
+    """``eval/NAME/TOPIC``: the fraction of correct responses among those to the held-out prompts
+    of each topic, over all DP ranks; only when the held-out set has 2 to ``MAX_TOPICS_LOGGED`` topics."""
+    topics = sorted({p.topic for p in task.held_out})
+    if not 2 <= len(topics) <= MAX_TOPICS_LOGGED:
+        return {}
+    column = torch.tensor([topics.index(task.held_out[i].topic) for i in held_out_index.tolist()])
+    names = sorted(correct_by_name)
+    counts = torch.zeros(len(names) + 1, len(topics), dtype=torch.float64)  # last row: responses
+    for row, name in enumerate(names):
+        counts[row].index_add_(0, column, torch.tensor(correct_by_name[name], dtype=torch.float64))
+    counts[-1].index_add_(0, column, torch.ones(len(column), dtype=torch.float64))
+    _, size, group = _dp()
+    if size > 1:
+        dist.all_reduce(counts, group=group)
+    return {f"eval/{name}/{topic}": float(counts[row, t] / counts[-1, t])
+            for row, name in enumerate(names) for t, topic in enumerate(topics) if counts[-1, t] > 0}
 
 
 class RLLoop:
