@@ -37,7 +37,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, total_steps: int, wandb_mode: str = "offline",
                  project: str = "ebpo_megatron", config: dict | None = None,
-                 tensorboard: bool = False, start_step: int = 0) -> None:
+                 tensorboard: bool = False, start_step: int = 0, label: str = "EBPO") -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
@@ -47,7 +47,7 @@ class MetricsLogger:
         self._tb = self._start_tensorboard() if tensorboard else None
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="EBPO", dynamic_ncols=True,
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=label, dynamic_ncols=True,
                         mininterval=0.5)
         self.bar_values: dict[str, float] = {}
 

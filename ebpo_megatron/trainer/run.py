@@ -168,7 +168,8 @@ def _run(config: Config, started: float) -> dict[str, Any]:
         from ..config.typed import to_dict
 
         logger = MetricsLogger(run_dir, config.run.steps, config.run.wandb, config.run.wandb_project,
-                               to_dict(config), config.run.tensorboard, start_step=loop.step)
+                               to_dict(config), config.run.tensorboard, start_step=loop.step,
+                               label=config.algorithm.estimator.upper())
         if sft_losses:
             print(f"[sft] warm start: loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} in {len(sft_losses)} steps",
                   flush=True)
