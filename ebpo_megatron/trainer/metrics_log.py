@@ -107,8 +107,12 @@ class MetricsLogger:
             self._tb.close()
 
 
-def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:
-    """A grid of the paper's training curves over steps; absent metrics say "not logged"."""
+def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "",
+             before_warm_start: dict[str, float] | None = None) -> Path:
+    """A grid of the paper's training curves over steps; absent metrics say "not logged".
+
+    ``before_warm_start`` (``before_sft.json``: held-out metrics of the weights as loaded) adds
+    a cross at step 0 to the panels of its keys, beside the step-0 value after the warm start."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,6 +127,9 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> 
             ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        if before_warm_start and key in before_warm_start:
+            ax.plot([0], [before_warm_start[key]], "x", color="tab:red", label="before warm start")
+            ax.legend(loc="best", fontsize="small")
         ax.set_title(label)
         ax.set_xlabel("step")
     if title:

@@ -185,8 +185,11 @@ def _run(config: Config, started: float) -> dict[str, Any]:
     if _is_rank0():
         rows = read_metrics(run_dir / "metrics.jsonl")
         evals = [r for r in rows if "eval/pass@1" in r]
+        before_sft_file = run_dir / BEFORE_SFT_FILE
+        before_sft = json.loads(before_sft_file.read_text()) if before_sft_file.is_file() else None
         plot_run(run_dir / "metrics.jsonl", run_dir / "training_curves.png",
-                 title=f"{config.run.name}: {config.algorithm.estimator}, G={config.rollout.n}")
+                 title=f"{config.run.name}: {config.algorithm.estimator}, G={config.rollout.n}",
+                 before_warm_start=before_sft)
         summary = {
             "estimator": config.algorithm.estimator,
             "steps": loop.step,
@@ -197,8 +200,6 @@ def _run(config: Config, started: float) -> dict[str, Any]:
         }
         if loop.best is not None:  # run.best_metric: the checkpoint of the best evaluation
             summary["best"] = {**loop.best, "checkpoint": str(checkpoint_dir(run_dir / "checkpoints", loop.best["step"]))}
-        before_sft_file = run_dir / BEFORE_SFT_FILE
-        before_sft = json.loads(before_sft_file.read_text()) if before_sft_file.is_file() else None
         if before_sft is not None:
             summary["before_sft"] = before_sft
         if {"strict", "lenient"} <= set(task.eval_rewards):  # chat_arith: boxed = strict accuracy
