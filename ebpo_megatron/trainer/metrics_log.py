@@ -37,7 +37,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, total_steps: int, wandb_mode: str = "offline",
                  project: str = "ebpo_megatron", config: dict | None = None,
-                 tensorboard: bool = False, start_step: int = 0, label: str = "EBPO") -> None:
+                 tensorboard: bool = False, start_step: int = 0, *, label: str) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
