@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,3 +59,19 @@ def load_hf_weights(chunks: list[torch.nn.Module], cfg: ModelConfig, hf_dir: Pat
     reader, layout = HFCheckpointReader(hf_dir), Layout.from_model_config(cfg)
     padded = padded_vocab_size(cfg.vocab_size, 1)
     assign_full_weights(chunks, lambda name: hf_to_megatron(name, reader.get, layout, padded))
+
+
+def alternate(sides: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each side per round: one warm-up call each, then ``rounds`` rounds calling every
+    side once, the order reversed every other round, so that a machine getting busier or quieter
+    during the run weighs on both sides alike (these shared machines drift by tens of percent)."""
+    for run in sides.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for round_index in range(rounds):
+        order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
+        for name in order:
+            start = time.perf_counter()
+            sides[name]()
+            times[name].append(time.perf_counter() - start)
+    return times

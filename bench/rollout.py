@@ -1,8 +1,10 @@
 """Rollout speed on CPU, in one run: tokens/s of the native engine (Megatron GPTModel + static
 KV cache) vs Hugging Face `transformers` `generate` on the same model weights (exported with
-``export_hf_weights``), same prompts and lengths; and the seconds of a full HF-named weight
-export of a ~100M-parameter model. ``--n 1`` (default): greedy, distinct prompts, the token
-streams are compared; ``--n G``: the RL case, G samples per prompt at ``--temperature``
+``export_hf_weights``), same prompts and lengths, the two sides taking turns over ``--rounds``;
+and the seconds of a full HF-named weight export of a ~100M-parameter model (TP = PP = 1: the
+stream hands out views of the parameters), alone and with a copy of every tensor into a
+receiver's buffers, as a weight sync does. ``--n 1`` (default): greedy, distinct prompts, the
+token streams are compared; ``--n G``: the RL case, G samples per prompt at ``--temperature``
 (HF: ``num_return_sequences=G``), both sides forced to the same length.
 """
 
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
+from typing import Any
 
 import torch
 
-from bench_model import add_model_args, bench_config, describe, hf_model, load_hf_weights
+from bench_model import add_model_args, alternate, bench_config, describe, hf_model, load_hf_weights
 
 
 def main() -> None:
@@ -25,6 +29,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of one generation on each side (after one warm-up round)")
     parser.add_argument("--skip-export", action="store_true", help="skip the 125M weight-export timing")
     add_model_args(parser)
     args = parser.parse_args()
@@ -53,11 +59,6 @@ def main() -> None:
         engine = NativeEngine(model, pad_token_id=0, max_sequence_length=cfg.max_position_embeddings)
         temperature = 0.0 if args.n == 1 else args.temperature
         params = SamplingParams(n=args.n, temperature=temperature, max_new_tokens=args.new)
-        engine.generate(prompts[:2], SamplingParams(n=1, temperature=0.0, max_new_tokens=4))  # warm-up
-        start = time.perf_counter()
-        ours = engine.generate(prompts, params)
-        t_ours = time.perf_counter() - start
-
         hf = hf_model(cfg, args.hf).eval()
         if args.hf is None:
             hf.load_state_dict(dict(export_hf_weights([model], Layout.from_model_config(cfg))), strict=False)
@@ -66,24 +67,31 @@ def main() -> None:
                       **(dict(do_sample=False) if args.n == 1 else
                          dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                               num_return_sequences=args.n)))
-        with torch.no_grad():
-            hf.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), **{**kwargs, "max_new_tokens": 4,
-                                                                                "min_new_tokens": 4})
-            start = time.perf_counter()
-            theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-            t_hf = time.perf_counter() - start
+        outputs: dict[str, Any] = {}
+
+        def ours() -> None:
+            outputs["ours"] = engine.generate(prompts, params)
+
+        @torch.no_grad()
+        def theirs() -> None:
+            outputs["hf"] = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+        times = alternate({"ours": ours, "hf": theirs}, args.rounds)
+        t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
+        ratios = sorted(h / o for h, o in zip(times["hf"], times["ours"]))
         tokens = args.batch * args.new
         mode = "greedy" if args.n == 1 else f"{args.n} samples per prompt at T={temperature}"
         print(f"{describe(cfg, args.hf)}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
-              f"{mode}, {args.threads} threads")
+              f"{mode}, {args.threads} threads, {args.rounds} rounds (median)")
         print(f"HF transformers generate : {tokens / t_hf:8.0f} tokens/s")
         print(f"native engine (Megatron) : {tokens / t_ours:8.0f} tokens/s")
         check = ""
         if args.n == 1:
-            same = sum(a == b for r, t in zip(ours.response_ids, theirs[:, args.prompt:].tolist())
+            same = sum(a == b for r, t in zip(outputs["ours"].response_ids, outputs["hf"][:, args.prompt:].tolist())
                        for a, b in zip(r, t))
-            check = f"   (identical greedy tokens: {same}/{tokens})"
-        print(f"ratio (ours / HF)        : {t_hf / t_ours:8.2f}x{check}")
+            check = f", identical greedy tokens: {same}/{tokens}"
+        print(f"ratio (ours / HF)        : {statistics.median(ratios):8.2f}x   "
+              f"(per round {ratios[0]:.2f}-{ratios[-1]:.2f}{check})")
 
         if args.skip_export:
             return
@@ -91,11 +99,18 @@ def main() -> None:
                           num_kv_heads=4, vocab_size=32000, max_position_embeddings=512)
         cpu_compat.set_seed(0)
         chunks = build_policy(big, ParallelConfig())
+        layout = Layout.from_model_config(big)
         count = sum(p.numel() for p in chunks[0].parameters())
         start = time.perf_counter()
-        exported = sum(t.numel() for _, t in export_hf_weights(chunks, Layout.from_model_config(big), bucket_mb=64))
+        exported = sum(t.numel() for _, t in export_hf_weights(chunks, layout, bucket_mb=64))
         t_export = time.perf_counter() - start
-        print(f"weight export, {count / 1e6:.0f}M parameters ({exported / 1e6:.0f}M exported): {t_export:.2f} s")
+        receiver = {name: torch.empty_like(t) for name, t in export_hf_weights(chunks, layout, bucket_mb=64)}
+        start = time.perf_counter()
+        for name, tensor in export_hf_weights(chunks, layout, bucket_mb=64):
+            receiver[name].copy_(tensor)
+        t_sync = time.perf_counter() - start
+        print(f"weight export, {count / 1e6:.0f}M parameters ({exported / 1e6:.0f}M exported): {t_export:.3f} s; "
+              f"with a copy of every tensor into a receiver's buffers: {t_sync:.3f} s")
     finally:
         shutdown()
 

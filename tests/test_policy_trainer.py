@@ -135,3 +135,30 @@ def test_logits_on_prompt_positions_change_nothing(shapes, single):
     """The trainer skips the output layer before the first response position
     (``PolicyBatch.response_start`` = 3 here); computing all positions gives the same step."""
     assert_same(single["token-mean"], run_layout(shapes, 1, 1, 1, 8, prompt_logits=True))
+
+
+class _Group:
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+
+def test_single_rank_bucket_collectives_are_skipped_only_when_they_are_identities():
+    """megatron_fixes fix 3: a one-rank group's reduce-scatter / all-gather of a bucket onto
+    itself returns without calling the backend; every other call goes through. (DP2 above runs
+    the real collectives and equals the single process, which skips them.)"""
+    from ebpo_megatron.trainer.megatron_fixes import _identity_on_one_rank
+
+    calls = []
+    collective = _identity_on_one_rank(lambda out, inp, **kw: calls.append((out, inp, kw)) or "work")
+    bucket, other = torch.arange(8.0), torch.zeros(8)
+    assert collective(bucket[:], bucket, group=_Group(1)) is None  # the shard is the whole bucket
+    assert calls == []
+    assert collective(other, bucket, group=_Group(1)) == "work"  # different memory
+    assert collective(bucket[:4], bucket, group=_Group(1)) == "work"  # a part of the bucket
+    assert collective(bucket[:4], bucket, group=_Group(2)) == "work"  # a real shard
+    assert collective(bucket, bucket, group=_Group(1), async_op=True) == "work"  # a handle is awaited
+    assert len(calls) == 4 and calls[-1][2]["async_op"] is True
+    assert torch.equal(bucket, torch.arange(8.0))

@@ -3,6 +3,7 @@ spawned gloo ranks on localhost, values and gradients, temperature != 1, padded 
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import socket
@@ -51,21 +52,21 @@ def spawn(fn: Callable, world: int) -> list[Any]:
     return [res["value"] for res in results]
 
 
-def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     logits = 4.0 * torch.randn(3, 5, PADDED, generator=g, dtype=torch.float64)
-    logits[..., VOCAB:] += 50.0  # large padded logits: any leak of them would show
-    targets = torch.randint(0, VOCAB, (3, 5), generator=g)
-    targets[0, :3] = torch.tensor([0, VOCAB - 1, 19])  # first and last real ids, a TP=2 boundary
+    logits[..., vocab:] += 50.0  # large padded logits: any leak of them would show
+    targets = torch.randint(0, vocab, (3, 5), generator=g)
+    targets[0, :3] = torch.tensor([0, vocab - 1, 19])  # first and last real ids, a TP=2 boundary
     weights = torch.randn(3, 5, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
     return logits, targets, weights
 
 
-def reference() -> tuple[torch.Tensor, ...]:
+def reference(vocab: int = VOCAB) -> tuple[torch.Tensor, ...]:
     """float64, full vocabulary, plain torch: log_softmax over the real ids of z / T."""
-    logits, targets, weights = inputs()
+    logits, targets, weights = inputs(vocab)
     z = logits.clone().requires_grad_(True)
-    logp_all = torch.log_softmax(z[..., :VOCAB] / TEMPERATURE, dim=-1)
+    logp_all = torch.log_softmax(z[..., :vocab] / TEMPERATURE, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     (grad_logp,) = torch.autograd.grad((logp * weights).sum(), z, retain_graph=True)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -73,31 +74,32 @@ def reference() -> tuple[torch.Tensor, ...]:
     return logp.detach(), grad_logp, entropy.detach(), grad_entropy
 
 
-def _shard_and_compute(rank: int, world: int) -> dict[str, tuple[torch.Tensor, ...]]:
+def _shard_and_compute(rank: int, world: int, vocab: int = VOCAB) -> dict[str, tuple[torch.Tensor, ...]]:
     import torch.distributed as dist
 
     from ebpo_megatron.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 
     group = dist.new_group(list(range(world)))
-    logits, targets, weights = inputs()
+    logits, targets, weights = inputs(vocab)
     width = PADDED // world
     out = {}
     for dtype in (torch.float32, torch.float64):
         shard = logits[..., rank * width:(rank + 1) * width].to(dtype).clone().requires_grad_(True)
-        logp = vocab_parallel_logprobs(shard, targets, group, temperature=TEMPERATURE, vocab_size=VOCAB)
+        logp = vocab_parallel_logprobs(shard, targets, group, temperature=TEMPERATURE, vocab_size=vocab)
         (g_logp,) = torch.autograd.grad((logp * weights.to(dtype)).sum(), shard, retain_graph=True)
         (g_again,) = torch.autograd.grad((logp * weights.to(dtype)).sum(), shard)  # retained graph intact
-        entropy = vocab_parallel_entropy(shard, group, temperature=TEMPERATURE, vocab_size=VOCAB)
+        entropy = vocab_parallel_entropy(shard, group, temperature=TEMPERATURE, vocab_size=vocab)
         (g_entropy,) = torch.autograd.grad((entropy * weights.to(dtype)).sum(), shard)
         assert torch.equal(g_logp, g_again)
         out[str(dtype)] = (logp.detach().double(), g_logp.double(), entropy.detach().double(), g_entropy.double())
     return out
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_matches_full_vocabulary_reference(world: int) -> None:
-    ref_logp, ref_g_logp, ref_entropy, ref_g_entropy = reference()
-    results = spawn(_shard_and_compute, world)
+@pytest.mark.parametrize(("world", "vocab"), [(1, VOCAB), (2, VOCAB), (4, VOCAB), (4, 29)])
+def test_matches_full_vocabulary_reference(world: int, vocab: int) -> None:
+    """(4, 29): the last rank's slice (ids 30..39) is all padding, the third one ends in one."""
+    ref_logp, ref_g_logp, ref_entropy, ref_g_entropy = reference(vocab)
+    results = spawn(functools.partial(_shard_and_compute, vocab=vocab), world)
     width = PADDED // world
     for dtype, tol in (("torch.float64", 1e-12), ("torch.float32", 2e-5)):
         for rank, result in enumerate(results):
@@ -108,7 +110,7 @@ def test_matches_full_vocabulary_reference(world: int) -> None:
             torch.testing.assert_close(g_logp, ref_g_logp[..., cols], atol=tol, rtol=0)
             torch.testing.assert_close(g_entropy, ref_g_entropy[..., cols], atol=tol, rtol=0)
     last_logp_grad = results[-1]["torch.float64"][1]
-    assert last_logp_grad[..., VOCAB - (world - 1) * width:].abs().max() == 0  # padding: no gradient
+    assert last_logp_grad[..., max(vocab - (world - 1) * width, 0):].abs().max() == 0  # padding: no gradient
     assert ref_entropy.mean() > 0.5 and ref_logp.max() < 0  # the reference is not degenerate
 
 

@@ -2,20 +2,27 @@
 
 TP rank r holds logits z[..., v] for v in its slice [r·V_r, (r+1)·V_r) of the (padded)
 vocabulary (equal slices, as Megatron's ``ColumnParallelLinear`` output layer gives them). With
-temperature T, x = z / T, and padded ids v ≥ V (``vocab_size``) set to x_v = −∞:
+temperature T, x = z / T over the rank's real ids (ids v ≥ V = ``vocab_size`` are padding, always
+at the end of a slice, and are left out: probability 0, gradient 0):
 
-    m = max_v x_v                    (all-reduce MAX over the TP group)
-    S = Σ_v exp(x_v − m)             (all-reduce SUM)          log Z = m + log S,  p_v = e^{x_v − m} / S
+    ℓ_r = log Σ_{v on r} e^{x_v}     (torch.logsumexp; −∞ for a slice that is all padding)
+    log Z = m + log Σ_r e^{ℓ_r − m},  m = max_r ℓ_r   (all-reduce MAX, then SUM, of [...] scalars)
+    p_v = e^{x_v − log Z}
     log π(t) = x_t − log Z           (x_t: all-reduce SUM; only the rank holding t contributes)
-    H = log Z − Σ_v p_v x_v          (Σ_v p_v x_v: all-reduce SUM)
+    H = −Σ_v p_v log p_v             (all-reduce SUM; = log Z − Σ_v p_v x_v, but summing
+                                      log p_v = x_v − log Z keeps float32 error ~ε·(H + 1)
+                                      instead of ε·|log Z|)
 
 Gradients on each rank's own slice (the upstream gradient is the same on every TP rank, as it is
 when all TP ranks compute the same loss), with the chain rule's 1/T:
 
-    ∂ log π(t) / ∂z_v = (1[v = t] − p_v) / T,        ∂H / ∂z_v = −p_v (x_v − Σ_u p_u x_u) / T.
+    ∂ log π(t) / ∂z_v = (1[v = t] − p_v) / T,    ∂H / ∂z_v = −p_v (x_v − Σ_u p_u x_u) / T
+                                                               = −p_v (log p_v + H) / T.
 
-Padded ids get probability 0 and gradient 0. Targets must be real ids (0 ≤ t < V): positions
-with other values (e.g. an ignore index) give meaningless values and must be masked by the caller.
+p is recomputed in the backward pass from the saved x and log Z, so the forward of log π keeps
+no [..., V_r] tensor of its own (at T = 1 in float32, x is a view of the logits). Targets must be
+real ids (0 ≤ t < V): positions with other values (e.g. an ignore index) give meaningless values
+and must be masked by the caller.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 Group = dist.ProcessGroup | None
 
@@ -41,66 +49,81 @@ def _all_reduce(tensor: torch.Tensor, group: Group, op: Any = dist.ReduceOp.SUM)
     return tensor
 
 
-def _scaled_shard(logits: torch.Tensor, group: Group, temperature: float,
-                  vocab_size: int | None) -> tuple[torch.Tensor, int]:
-    """x = z / T in at least float32, padded ids set to −∞; and this shard's first vocabulary id."""
+def _real_ids(logits: torch.Tensor, group: Group, temperature: float,
+              vocab_size: int | None) -> tuple[torch.Tensor, int]:
+    """x = z / T over this shard's real ids, in at least float32 (never written to: a view of
+    ``logits`` when no conversion is needed); and the shard's first vocabulary id."""
     rank, _ = _rank_and_size(group)
     width = logits.shape[-1]
     start = rank * width
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # a new tensor
-    if vocab_size is not None and start + width > vocab_size:
-        x[..., max(vocab_size - start, 0):] = float("-inf")
-    return x, start
+    real = width if vocab_size is None else min(max(vocab_size - start, 0), width)
+    x = logits[..., :real].to(torch.promote_types(logits.dtype, torch.float32))
+    return (x if temperature == 1.0 else x / temperature), start
 
 
-def _softmax_parts(x: torch.Tensor, group: Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(e = exp(x − m), S, log Z) with the global max m and normalizer S = Σ_v e_v."""
-    m = _all_reduce(x.max(dim=-1).values, group, dist.ReduceOp.MAX)
-    e = torch.exp(x - m.unsqueeze(-1))
-    s = _all_reduce(e.sum(dim=-1), group)
-    return e, s, m + torch.log(s)
+def _log_normalizer(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """log Z = log Σ_v e^{x_v} over all TP ranks, from each rank's ℓ_r (module docstring)."""
+    local = torch.logsumexp(x, dim=-1)
+    if _rank_and_size(group)[1] == 1:
+        return local
+    m = _all_reduce(local.clone(), group, dist.ReduceOp.MAX)
+    return m + torch.log(_all_reduce(torch.exp(local - m), group))
+
+
+def _probabilities(x: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+    """p_v = e^{x_v − log Z} (a new tensor)."""
+    return torch.sub(x, log_z.unsqueeze(-1)).exp_()
+
+
+def _to_shard_width(grad: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero gradient for the padded ids at the end of the shard."""
+    return grad if grad.shape[-1] == width else F.pad(grad, (0, width - grad.shape[-1]))
 
 
 class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, group: Group,
                 temperature: float, vocab_size: int | None) -> torch.Tensor:
-        x, start = _scaled_shard(logits, group, temperature, vocab_size)
-        e, s, log_z = _softmax_parts(x, group)
-        local = (targets - start).clamp(0, x.shape[-1] - 1)
-        here = (targets >= start) & (targets < start + x.shape[-1])
-        picked = x.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+        x, start = _real_ids(logits, group, temperature, vocab_size)
+        log_z = _log_normalizer(x, group)
+        real = x.shape[-1]
+        here = (targets >= start) & (targets < start + real)
+        local = (targets - start).clamp(0, max(real - 1, 0))
+        picked = x.gather(-1, local.unsqueeze(-1)).squeeze(-1) if real else torch.zeros_like(log_z)
         target_logit = _all_reduce(torch.where(here, picked, torch.zeros_like(picked)), group)
-        ctx.save_for_backward(e, s, local, here)
-        ctx.temperature = temperature
+        ctx.save_for_backward(x, log_z, local, here)
+        ctx.temperature, ctx.width = temperature, logits.shape[-1]
         return target_logit - log_z
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        e, s, local, here = ctx.saved_tensors
-        d = -(e / s.unsqueeze(-1))  # −p_v (saved tensors stay intact for a retained graph)
-        d.scatter_add_(-1, local.unsqueeze(-1), here.unsqueeze(-1).to(d.dtype))  # + 1[v = t]
-        return d.mul_((grad / ctx.temperature).unsqueeze(-1)), None, None, None, None
+        x, log_z, local, here = ctx.saved_tensors
+        d = _probabilities(x, log_z).neg_()  # −p_v
+        if d.shape[-1]:
+            d.scatter_add_(-1, local.unsqueeze(-1), here.unsqueeze(-1).to(d.dtype))  # + 1[v = t]
+        d.mul_((grad / ctx.temperature).unsqueeze(-1))
+        return _to_shard_width(d, ctx.width), None, None, None, None
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, group: Group, temperature: float,
                 vocab_size: int | None) -> torch.Tensor:
-        x, _ = _scaled_shard(logits, group, temperature, vocab_size)
-        e, s, log_z = _softmax_parts(x, group)
-        p = e.div_(s.unsqueeze(-1))
-        x = torch.nan_to_num(x, neginf=0.0)  # p_v = 0 there; avoids 0·(−∞)
-        mean_x = _all_reduce((p * x).sum(dim=-1), group)
-        ctx.save_for_backward(p, x, mean_x)
-        ctx.temperature = temperature
-        return log_z - mean_x
+        x, _ = _real_ids(logits, group, temperature, vocab_size)
+        log_p = torch.sub(x, _log_normalizer(x, group).unsqueeze(-1))
+        p = log_p.exp()
+        entropy = _all_reduce((p * log_p).sum(dim=-1).neg_(), group)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(p, log_p, entropy)
+            ctx.temperature, ctx.width = temperature, logits.shape[-1]
+        return entropy
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        p, x, mean_x = ctx.saved_tensors
-        d = -p * (x - mean_x.unsqueeze(-1))
-        return d.mul_((grad / ctx.temperature).unsqueeze(-1)), None, None, None
+        p, log_p, entropy = ctx.saved_tensors
+        d = -p * (log_p + entropy.unsqueeze(-1))  # x_v − Σ_u p_u x_u = log p_v + H
+        d.mul_((grad / ctx.temperature).unsqueeze(-1))
+        return _to_shard_width(d, ctx.width), None, None, None
 
 
 def _check_temperature(temperature: float) -> None:

@@ -40,6 +40,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..algorithms import EntropyMech, aggregate, kl_penalty, policy_loss
 from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from . import megatron_fixes
 from .batching import PolicyBatch, microbatch_indices, minibatch_slices
 
 
@@ -162,6 +163,7 @@ class PolicyTrainer:
         self.model_config = config
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             config.variable_seq_lengths = True  # micro-batches are trimmed to their own length
+        megatron_fixes.skip_single_rank_bucket_collectives()
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -350,7 +352,7 @@ class PolicyTrainer:
         for chunk in self.chunks:
             for param in chunk.module.parameters():
                 weight = 1.0 if getattr(param, "tensor_model_parallel", False) else 1.0 / tp_size
-                squares += weight * param.detach().double().pow(2).sum()
+                squares += weight * torch.linalg.vector_norm(param.detach(), dtype=torch.float64).square()
         for group in (self.tp_group, parallel_state.get_pipeline_model_parallel_group()):
             if dist.get_world_size(group) > 1:
                 dist.all_reduce(squares, group=group)
