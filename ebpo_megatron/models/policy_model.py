@@ -7,6 +7,12 @@ logits [b, L−s, V/TP] instead of [b, L, V/TP]. The decoder still runs on all L
 response attends to the prompt); only the output layer z = W h and everything computed from z
 (log-softmax, entropy, their backward) shrink. With prompts ~4x longer than responses, as in the
 SmolLM2 arithmetic task, this removes most of the vocabulary work of a train step.
+
+On that path the hidden states are turned batch-first ([s, b, h] → [b, s, h], a copy of h-wide
+rows) before the output layer, so the logits come out [b, s, V/TP] directly; Megatron's own path
+computes them [s, b, V/TP] and copies them to [b, s, V/TP] (and back in the backward pass), two
+copies of the largest tensor of the step. ``logits_from=None`` (the default) is Megatron's path
+unchanged: inference, labels, multi-token prediction, sequence and context parallelism.
 """
 
 from __future__ import annotations
@@ -20,21 +26,28 @@ from megatron.core.models.gpt import GPTModel
 class PolicyGPTModel(GPTModel):
     """``GPTModel`` plus the ``logits_from`` forward argument (module docstring)."""
 
-    _logits_from: int = 0
+    _logits_from: int | None = None
 
-    def forward(self, *args: Any, logits_from: int = 0, **kwargs: Any) -> torch.Tensor:
-        if logits_from < 0:
+    def forward(self, *args: Any, logits_from: int | None = None, **kwargs: Any) -> torch.Tensor:
+        if logits_from is not None and logits_from < 0:
             raise ValueError(f"logits_from: expected >= 0, got {logits_from}")
-        if logits_from and (self.config.sequence_parallel or self.config.context_parallel_size > 1):
+        if logits_from is not None and (self.config.sequence_parallel or self.config.context_parallel_size > 1):
             raise ValueError("logits_from needs the full sequence on every rank: it cannot be used "
                              "with sequence or context parallelism")
         self._logits_from = logits_from
         try:
             return super().forward(*args, **kwargs)
         finally:
-            self._logits_from = 0
+            self._logits_from = None
 
     def _postprocess(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.post_process and self._logits_from:
-            hidden_states = hidden_states[self._logits_from:]  # [s, b, h]: drop leading positions
-        return super()._postprocess(hidden_states=hidden_states, **kwargs)
+        if not self.post_process or self._logits_from is None:
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
+        if (kwargs.get("labels") is not None or kwargs.get("inference_context") is not None
+                or kwargs.get("mtp_in_postprocess") or self.config.mtp_num_layers is not None):
+            raise ValueError("logits_from: a training forward that returns logits only "
+                             "(no labels, inference context or multi-token prediction)")
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states[self._logits_from:].transpose(0, 1), weight=weight,
+                                      runtime_gather_output=kwargs.get("runtime_gather_output"))
+        return logits  # [b, s − logits_from, V/TP]

@@ -241,9 +241,9 @@ class PolicyTrainer:
             mb = next(data_iterator)
             seq = mb.tokens.shape[1]
             positions = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
-            start = mb.response_start() if self.skip_prompt_logits else 0
+            start = mb.response_start() if self.skip_prompt_logits else None
             output = model(mb.tokens, positions, None, logits_from=start)
-            return output, partial(loss_fn, mb, start)
+            return output, partial(loss_fn, mb, start or 0)
 
         longest = max(mb.tokens.shape[1] for mb in microbatches)
         widest = max(mb.size for mb in microbatches)

@@ -59,8 +59,9 @@ def sft_warm_start(
         total = tokens_here.clone().double()
         dist.all_reduce(total, group=dp_group)
         positions = torch.arange(batch.tokens.shape[1]).unsqueeze(0).expand_as(batch.tokens)
-        start = batch.response_start() if skip_prompt_logits else 0
-        logits = model(batch.tokens, positions, None, logits_from=start)
+        first = batch.response_start() if skip_prompt_logits else None
+        logits = model(batch.tokens, positions, None, logits_from=first)
+        start = first or 0
         logp = vocab_parallel_logprobs(logits[:, :-1].float(), batch.tokens[:, start + 1:], tp_group,
                                        vocab_size=getattr(model, "real_vocab_size", None))
         loss = -(logp * batch.loss_mask[:, start:]).sum() / total.float().clamp(min=1.0)
