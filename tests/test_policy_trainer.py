@@ -94,7 +94,8 @@ def assert_same(reference, other):
     ref_metrics, ref_w = reference
     metrics, w = other
     assert set(w) == set(ref_w)
-    for key in ("actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/clip_frac", "actor/entropy"):
+    for key in ("actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/clip_frac", "actor/entropy",
+                "actor/param_norm"):
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-7), key
     assert ref_metrics["actor/clip_frac"] > 0  # the clipped branch is exercised
     for name in ref_w:
@@ -113,10 +114,12 @@ def test_parallel_layouts_equal_single_process(shapes, single, world, tp, pp):
 
 
 def test_weights_move_and_updates_differ_from_init(single):
-    _, weights = single["token-mean"]
+    metrics, weights = single["token-mean"]
     shapes = {n: tuple(t.shape) for n, t in weights.items()}
     moved = max(float((weights[n] - full_init(n, shapes)).abs().max()) for n in weights)
     assert 1e-4 < moved < 1e-2  # one Adam step of lr 1e-3
+    norm = sum(float(w.double().pow(2).sum()) for w in weights.values()) ** 0.5  # float64, updated weights
+    assert metrics["actor/param_norm"] == pytest.approx(norm, rel=1e-7)
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
