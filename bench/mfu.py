@@ -57,7 +57,7 @@ def main() -> None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
-        batch = PolicyBatch(tokens, torch.full((args.batch,), args.seq, device=device),
+        batch = PolicyBatch(tokens, torch.full((args.batch,), args.seq),
                             torch.ones(args.batch, args.seq - 1, device=device),
                             torch.randn(args.batch, generator=g).to(device),
                             old_logp=torch.full((args.batch, args.seq - 1), -10.0, device=device))
