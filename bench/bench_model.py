@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,3 +76,11 @@ def alternate(sides: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
             sides[name]()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def medians_and_ratio(times: dict[str, list[float]]) -> tuple[float, float, str]:
+    """(median seconds of "ours", of "hf", and "R.RRx   (per round LO-HI" for the per-round
+    ratios hf/ours: above 1 means ours is faster); the caller closes the parenthesis."""
+    ratios = sorted(h / o for h, o in zip(times["hf"], times["ours"]))
+    return (statistics.median(times["ours"]), statistics.median(times["hf"]),
+            f"{statistics.median(ratios):.2f}x   (per round {ratios[0]:.2f}-{ratios[-1]:.2f}")

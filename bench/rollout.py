@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from typing import Any
 
 import torch
 
-from bench_model import add_model_args, alternate, bench_config, describe, hf_model, load_hf_weights
+from bench_model import (add_model_args, alternate, bench_config, describe, hf_model, load_hf_weights,
+                         medians_and_ratio)
 
 
 def main() -> None:
@@ -77,8 +77,7 @@ def main() -> None:
             outputs["hf"] = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
 
         times = alternate({"ours": ours, "hf": theirs}, args.rounds)
-        t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
-        ratios = sorted(h / o for h, o in zip(times["hf"], times["ours"]))
+        t_ours, t_hf, ratio = medians_and_ratio(times)
         tokens = args.batch * args.new
         mode = "greedy" if args.n == 1 else f"{args.n} samples per prompt at T={temperature}"
         print(f"{describe(cfg, args.hf)}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
@@ -90,8 +89,7 @@ def main() -> None:
             same = sum(a == b for r, t in zip(outputs["ours"].response_ids, outputs["hf"][:, args.prompt:].tolist())
                        for a, b in zip(r, t))
             check = f", identical greedy tokens: {same}/{tokens}"
-        print(f"ratio (ours / HF)        : {statistics.median(ratios):8.2f}x   "
-              f"(per round {ratios[0]:.2f}-{ratios[-1]:.2f}{check})")
+        print(f"ratio (ours / HF)        : {ratio}{check})")
 
         if args.skip_export:
             return

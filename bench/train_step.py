@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-
 from collections.abc import Callable
 
 import torch
 
-from bench_model import add_model_args, alternate, bench_config, describe, hf_model, load_hf_weights
+from bench_model import (add_model_args, alternate, bench_config, describe, hf_model, load_hf_weights,
+                         medians_and_ratio)
 from ebpo_megatron.algorithms import entropy_from_logits, policy_loss
 
 
@@ -94,14 +93,12 @@ def main() -> None:
         times = alternate(sides, args.rounds)
     finally:
         shutdown()
-    t_hf, t_mc = statistics.median(times["hf"]), statistics.median(times["ours"])
-    ratios = sorted(h / o for h, o in zip(times["hf"], times["ours"]))
+    t_mc, t_hf, ratio = medians_and_ratio(times)
     print(f"{describe(cfg, args.hf)}, batch {args.batch} x ({args.prompt} prompt + {args.response} response) tokens, "
           f"{args.micro} sequences per micro-batch, {args.threads} threads, {args.rounds} rounds (median)")
     print(f"HF transformers + torch AdamW : {t_hf:7.3f} s/step  {tokens / t_hf:8.0f} tokens/s")
     print(f"ebpo_megatron (Megatron-Core) : {t_mc:7.3f} s/step  {tokens / t_mc:8.0f} tokens/s")
-    print(f"ratio (ours / HF)             : {statistics.median(ratios):7.2f}x   "
-          f"(per round {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    print(f"ratio (ours / HF)             : {ratio})")
 
 if __name__ == "__main__":
     main()

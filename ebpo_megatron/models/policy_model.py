@@ -23,6 +23,12 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 
+def positions_can_be_skipped(config: Any) -> bool:
+    """Whether ``logits_from`` may be used: every rank must hold the whole sequence, i.e. no
+    sequence or context parallelism (``config``: the model's TransformerConfig)."""
+    return not (config.sequence_parallel or config.context_parallel_size > 1)
+
+
 class PolicyGPTModel(GPTModel):
     """``GPTModel`` plus the ``logits_from`` forward argument (module docstring)."""
 
@@ -31,7 +37,7 @@ class PolicyGPTModel(GPTModel):
     def forward(self, *args: Any, logits_from: int | None = None, **kwargs: Any) -> torch.Tensor:
         if logits_from is not None and logits_from < 0:
             raise ValueError(f"logits_from: expected >= 0, got {logits_from}")
-        if logits_from is not None and (self.config.sequence_parallel or self.config.context_parallel_size > 1):
+        if logits_from is not None and not positions_can_be_skipped(self.config):
             raise ValueError("logits_from needs the full sequence on every rank: it cannot be used "
                              "with sequence or context parallelism")
         self._logits_from = logits_from

@@ -70,9 +70,9 @@ def _log_normalizer(x: torch.Tensor, group: Group) -> torch.Tensor:
     return m + torch.log(_all_reduce(torch.exp(local - m), group))
 
 
-def _probabilities(x: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
-    """p_v = e^{x_v − log Z} (a new tensor)."""
-    return torch.sub(x, log_z.unsqueeze(-1)).exp_()
+def _log_probabilities(x: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+    """log p_v = x_v − log Z (a new tensor)."""
+    return torch.sub(x, log_z.unsqueeze(-1))
 
 
 def _to_shard_width(grad: torch.Tensor, width: int) -> torch.Tensor:
@@ -98,7 +98,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, log_z, local, here = ctx.saved_tensors
-        d = _probabilities(x, log_z).neg_()  # −p_v
+        d = _log_probabilities(x, log_z).exp_().neg_()  # −p_v
         if d.shape[-1]:
             d.scatter_add_(-1, local.unsqueeze(-1), here.unsqueeze(-1).to(d.dtype))  # + 1[v = t]
         d.mul_((grad / ctx.temperature).unsqueeze(-1))
@@ -110,7 +110,7 @@ class _VocabParallelEntropy(torch.autograd.Function):
     def forward(ctx: Any, logits: torch.Tensor, group: Group, temperature: float,
                 vocab_size: int | None) -> torch.Tensor:
         x, _ = _real_ids(logits, group, temperature, vocab_size)
-        log_p = torch.sub(x, _log_normalizer(x, group).unsqueeze(-1))
+        log_p = _log_probabilities(x, _log_normalizer(x, group))
         p = log_p.exp()
         entropy = _all_reduce((p * log_p).sum(dim=-1).neg_(), group)
         if ctx.needs_input_grad[0]:

@@ -39,6 +39,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..algorithms import EntropyMech, aggregate, kl_penalty, policy_loss
+from ..models.policy_model import positions_can_be_skipped
 from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 from . import megatron_fixes
 from .batching import PolicyBatch, microbatch_indices, minibatch_slices
@@ -203,7 +204,7 @@ class PolicyTrainer:
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         # the output layer only on response positions (models.policy_model), unless the sequence
         # is split over ranks
-        self.skip_prompt_logits = not (config.sequence_parallel or config.context_parallel_size > 1)
+        self.skip_prompt_logits = positions_can_be_skipped(config)
 
     # ----------------------------------------------------------------------------- helpers
     @property

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from ..models.policy_model import positions_can_be_skipped
 from ..parallel.vocab_parallel import vocab_parallel_logprobs
 from .batching import PolicyBatch
 
@@ -49,7 +50,7 @@ def sft_warm_start(
     tp_group = parallel_state.get_tensor_model_parallel_group()
     # the output layer only from the first target position (models.policy_model), unless the
     # sequence is split over ranks
-    skip_prompt_logits = not (model.config.sequence_parallel or model.config.context_parallel_size > 1)
+    skip_prompt_logits = positions_can_be_skipped(model.config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
