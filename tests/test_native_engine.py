@@ -31,9 +31,13 @@ def _engine_checks(rank, world, tp):
     engine = NativeEngine(model, pad_token_id=0, max_sequence_length=CFG.max_position_embeddings)
     out = {}
     greedy = engine.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=12))
+    # prompts of one length: no padding, so the engine passes no attention mask at all
+    unpadded = engine.generate([p[:2] for p in PROMPTS if len(p) >= 2],
+                               SamplingParams(n=1, temperature=0.0, max_new_tokens=12))
     # argmax of a full re-forward at every position (no cache, no padding)
     mismatches = 0
-    for prompt, response in zip(greedy.prompt_ids, greedy.response_ids):
+    for prompt, response in zip(greedy.prompt_ids + unpadded.prompt_ids,
+                                greedy.response_ids + unpadded.response_ids):
         seq = torch.tensor([prompt + response])
         with torch.no_grad():
             logits = model(seq, torch.arange(seq.shape[1]).unsqueeze(0), None)

@@ -110,13 +110,15 @@ def fp8_recipe(model: ModelConfig, parallel: ParallelConfig | None = None):
 
 
 def layer_spec(model: ModelConfig):
-    """Transformer layer ``ModuleSpec``: Transformer Engine, or local with RMSNorm; self-attention
-    caches rotated keys when generating (``models.rotated_key_cache``)."""
+    """Transformer layer ``ModuleSpec``: Transformer Engine, or local with RMSNorm and linear layers
+    that skip Megatron's autograd functions when autograd is off (``models.no_grad_linear``);
+    self-attention caches rotated keys when generating (``models.rotated_key_cache``)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from .no_grad_linear import NoGradColumnParallelLinear, NoGradRowParallelLinear
     from .rotated_key_cache import RotatedKeyCacheAttention
 
     if model.transformer_impl == "transformer_engine":
@@ -124,6 +126,9 @@ def layer_spec(model: ModelConfig):
     else:
         spec = cpu_compat.adapt_layer_spec(
             get_gpt_layer_local_spec(qk_layernorm=bool(model.qk_norm), normalization="RMSNorm"))
+        attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+        attention.linear_qkv = mlp.linear_fc1 = NoGradColumnParallelLinear
+        attention.linear_proj = mlp.linear_fc2 = NoGradRowParallelLinear
     spec.submodules.self_attention.module = RotatedKeyCacheAttention
     return spec
 

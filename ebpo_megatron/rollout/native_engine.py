@@ -6,7 +6,10 @@ last logits are then copied to its n samples (the G responses of a group share t
 prefill costs P, not P·n, sequences. Each decode step feeds one token per sequence of the
 B = P·n with a [B, 1, 1, L_p + t] mask that hides the padding keys. RoPE only sees position
 differences, so the per-sequence shift that left padding introduces changes nothing: the logits
-equal those of an unpadded forward. A group is never split across batches of ``max_batch_size``.
+equal those of an unpadded forward. When no prompt of a batch is padded, no mask is passed at all
+(the prefill is then causal by the attention's mask type, a decode step attends to every cached
+key), which spares SDPA a mask per layer. A group is never split across batches of
+``max_batch_size``.
 
 TP: logits are gathered over the vocabulary shards (``runtime_gather_output``) and every TP
 rank draws from an identically seeded generator, so all ranks sample the same tokens.
@@ -94,8 +97,9 @@ class NativeEngine(RolloutEngine):
             prompt_pad[b, prompt_len - len(p):] = False
         total = prompt_len + params.max_new_tokens
         context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=total)
+        padded = bool(prompt_pad.any())
         causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool).triu(1)
-        mask = causal[None, None] | prompt_pad[:, None, None, :]  # True = masked out
+        mask = causal[None, None] | prompt_pad[:, None, None, :] if padded else None  # True = masked out
         positions = torch.arange(prompt_len).unsqueeze(0).expand(len(prompts), -1)
         logits = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
         logits = logits.repeat_interleave(n, dim=0)
@@ -126,7 +130,7 @@ class NativeEngine(RolloutEngine):
             if bool(finished.all()) or t == params.max_new_tokens - 1:
                 break
             offset = context.sequence_len_offset
-            step_mask = key_is_pad[:, None, None, : offset + 1]
+            step_mask = key_is_pad[:, None, None, : offset + 1] if padded else None
             step_positions = torch.full((batch, 1), offset, dtype=torch.long)
             logits = model(token.unsqueeze(1), step_positions, step_mask,
                            inference_context=context, runtime_gather_output=True)
