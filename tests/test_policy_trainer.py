@@ -165,3 +165,59 @@ def test_single_rank_bucket_collectives_are_skipped_only_when_they_are_identitie
     assert collective(bucket, bucket, group=_Group(1), async_op=True) == "work"  # a handle is awaited
     assert len(calls) == 4 and calls[-1][2]["async_op"] is True
     assert torch.equal(bucket, torch.arange(8.0))
+
+
+ENTROPY_COEF, TEMPERATURE = 0.05, 0.8
+
+
+def _entropy_bonus_step(rank, world, tp, shapes):
+    """A step whose loss includes −c·agg(H) at T ≠ 1, in two micro-batches; on one rank also a
+    plain-torch reference of its loss, entropy and gradient norm, from the same weights before
+    the step: full-vocabulary log_softmax of the model's logits, autograd."""
+    from ebpo_megatron.algorithms.losses import aggregate, policy_loss
+    from ebpo_megatron.models import build_policy
+    from ebpo_megatron.models.weights import assign_full_weights
+    from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
+    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+
+    parallel = ParallelConfig(tensor_parallel=tp)
+    initialize(parallel, CFG)
+    cpu_compat.set_seed(0)
+    chunks = build_policy(CFG, parallel)
+    assign_full_weights(chunks, lambda n: full_init(n, shapes))
+    loss_cfg = LossConfig(kl_coef=0.0, entropy_coef=ENTROPY_COEF)
+    batch = fixed_batch()
+    reference = None
+    if world == 1:
+        params = [p for p in chunks[0].parameters() if p.requires_grad]
+        positions = torch.arange(WIDTH).unsqueeze(0).expand(BATCH, -1)
+        logits = chunks[0](batch.tokens, positions, None)[:, :-1, : CFG.vocab_size] / TEMPERATURE
+        logp_all = torch.log_softmax(logits.double(), -1)
+        logp = logp_all.gather(-1, batch.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        mask = batch.loss_mask.double()
+        totals = {"total_tokens": float(mask.sum()), "total_seqs": float(BATCH)}
+        pg_loss, _ = policy_loss(logp, batch.old_logp.double(), batch.advantages.double(), mask,
+                                 clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, agg=loss_cfg.agg,
+                                 **totals)
+        loss = pg_loss - ENTROPY_COEF * aggregate(entropy, mask, loss_cfg.agg, **totals)
+        grads = torch.autograd.grad(loss, params)
+        reference = {"actor/loss": float(loss), "actor/entropy": float((entropy * mask).sum() / mask.sum()),
+                     "actor/grad_norm": float(sum(g.double().pow(2).sum() for g in grads).sqrt())}
+    trainer = PolicyTrainer(chunks, OptimConfig(lr=1e-3), loss_cfg,
+                            StepConfig(micro_batch_size=BATCH // 2, temperature=TEMPERATURE, step_kl=False))
+    return {"metrics": trainer.train_step(batch), "reference": reference}
+
+
+def test_entropy_bonus_step_equals_plain_torch_reference(shapes):
+    """``entropy_coef > 0``: H is a loss term computed from the same log Z as log π
+    (``vocab_parallel_logprobs_and_entropy``); loss, entropy and gradient norm equal the float64
+    plain-torch reference, for TP = 1 and TP = 2."""
+    single = run_ranks(_entropy_bonus_step, 1, 1, shapes)[0]
+    reference = single["reference"]
+    tp2 = run_ranks(_entropy_bonus_step, 2, 2, shapes)[0]
+    for metrics in (single["metrics"], tp2["metrics"]):
+        for key, value in reference.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-5), key
+    without = reference["actor/loss"] + ENTROPY_COEF * reference["actor/entropy"]
+    assert abs(without - reference["actor/loss"]) > 1e-3  # the entropy term is not negligible

@@ -1,5 +1,6 @@
-"""Vocab-parallel log-probs and entropy against a float64 full-vocabulary reference: TP = 1, 2, 4
-spawned gloo ranks on localhost, values and gradients, temperature != 1, padded vocabulary ids."""
+"""Vocab-parallel log-probs and entropy, alone and from one shared log Z, against a float64
+full-vocabulary reference: TP = 1, 2, 4 spawned gloo ranks on localhost, values and gradients,
+temperature != 1, padded vocabulary ids."""
 
 from __future__ import annotations
 
@@ -77,7 +78,11 @@ def reference(vocab: int = VOCAB) -> tuple[torch.Tensor, ...]:
 def _shard_and_compute(rank: int, world: int, vocab: int = VOCAB) -> dict[str, tuple[torch.Tensor, ...]]:
     import torch.distributed as dist
 
-    from ebpo_megatron.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+    from ebpo_megatron.parallel.vocab_parallel import (
+        vocab_parallel_entropy,
+        vocab_parallel_logprobs,
+        vocab_parallel_logprobs_and_entropy,
+    )
 
     group = dist.new_group(list(range(world)))
     logits, targets, weights = inputs(vocab)
@@ -92,6 +97,17 @@ def _shard_and_compute(rank: int, world: int, vocab: int = VOCAB) -> dict[str, t
         (g_entropy,) = torch.autograd.grad((entropy * weights.to(dtype)).sum(), shard)
         assert torch.equal(g_logp, g_again)
         out[str(dtype)] = (logp.detach().double(), g_logp.double(), entropy.detach().double(), g_entropy.double())
+        # together: H differentiable (a loss term), then a value only (a metric)
+        both_logp, both_entropy = vocab_parallel_logprobs_and_entropy(
+            shard, targets, group, temperature=TEMPERATURE, vocab_size=vocab)
+        (g_both,) = torch.autograd.grad(((both_logp + 0.5 * both_entropy) * weights.to(dtype)).sum(), shard)
+        metric_logp, metric_entropy = vocab_parallel_logprobs_and_entropy(
+            shard, targets, group, temperature=TEMPERATURE, vocab_size=vocab, entropy_grad=False)
+        assert not metric_entropy.requires_grad and metric_logp.requires_grad
+        (g_metric,) = torch.autograd.grad((metric_logp * weights.to(dtype)).sum(), shard)
+        out[str(dtype) + " together"] = (both_logp.detach().double(), both_entropy.detach().double(),
+                                         g_both.double(), metric_logp.detach().double(),
+                                         metric_entropy.double(), g_metric.double())
     return out
 
 
@@ -109,6 +125,12 @@ def test_matches_full_vocabulary_reference(world: int, vocab: int) -> None:
             torch.testing.assert_close(entropy, ref_entropy, atol=10 * tol, rtol=0)
             torch.testing.assert_close(g_logp, ref_g_logp[..., cols], atol=tol, rtol=0)
             torch.testing.assert_close(g_entropy, ref_g_entropy[..., cols], atol=tol, rtol=0)
+            both_logp, both_entropy, g_both, metric_logp, metric_entropy, g_metric = result[dtype + " together"]
+            for value, ref in ((both_logp, ref_logp), (metric_logp, ref_logp),
+                               (both_entropy, ref_entropy), (metric_entropy, ref_entropy)):
+                torch.testing.assert_close(value, ref, atol=10 * tol, rtol=0)
+            torch.testing.assert_close(g_both, (ref_g_logp + 0.5 * ref_g_entropy)[..., cols], atol=tol, rtol=0)
+            torch.testing.assert_close(g_metric, ref_g_logp[..., cols], atol=tol, rtol=0)
     last_logp_grad = results[-1]["torch.float64"][1]
     assert last_logp_grad[..., max(vocab - (world - 1) * width, 0):].abs().max() == 0  # padding: no gradient
     assert ref_entropy.mean() > 0.5 and ref_logp.max() < 0  # the reference is not degenerate
@@ -116,8 +138,12 @@ def test_matches_full_vocabulary_reference(world: int, vocab: int) -> None:
 
 def test_single_rank_without_group_and_gradcheck() -> None:
     """tp_group=None is the full vocabulary; torch.autograd.gradcheck (finite differences) of
-    both functions in float64, independent of the analytic reference's autograd."""
-    from ebpo_megatron.parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+    the three functions in float64, independent of the analytic reference's autograd."""
+    from ebpo_megatron.parallel.vocab_parallel import (
+        vocab_parallel_entropy,
+        vocab_parallel_logprobs,
+        vocab_parallel_logprobs_and_entropy,
+    )
 
     ref_logp, _, ref_entropy, _ = reference()
     logits, targets, _ = inputs()
@@ -128,6 +154,8 @@ def test_single_rank_without_group_and_gradcheck() -> None:
     z = logits[:1, :2].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: vocab_parallel_logprobs(t, targets[:1, :2], None, TEMPERATURE, VOCAB), z)
     assert torch.autograd.gradcheck(lambda t: vocab_parallel_entropy(t, None, TEMPERATURE, VOCAB), z)
+    assert torch.autograd.gradcheck(
+        lambda t: vocab_parallel_logprobs_and_entropy(t, targets[:1, :2], None, TEMPERATURE, VOCAB), z)
     # no padding declared: every id counts (here the large padded logits dominate)
     full = torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(vocab_parallel_logprobs(logits, targets, None, TEMPERATURE), full, atol=1e-12, rtol=0)

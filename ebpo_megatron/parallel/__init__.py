@@ -11,7 +11,7 @@ from .distributed import (
     shutdown,
     validate_layout,
 )
-from .vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from .vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 
 __all__ = [
     "LaunchInfo",
@@ -24,4 +24,5 @@ __all__ = [
     "validate_layout",
     "vocab_parallel_entropy",
     "vocab_parallel_logprobs",
+    "vocab_parallel_logprobs_and_entropy",
 ]

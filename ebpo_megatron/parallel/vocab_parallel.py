@@ -19,8 +19,11 @@ when all TP ranks compute the same loss), with the chain rule's 1/T:
     ∂ log π(t) / ∂z_v = (1[v = t] − p_v) / T,    ∂H / ∂z_v = −p_v (x_v − Σ_u p_u x_u) / T
                                                                = −p_v (log p_v + H) / T.
 
-p is recomputed in the backward pass from the saved x and log Z, so the forward of log π keeps
-no [..., V_r] tensor of its own (at T = 1 in float32, x is a view of the logits). Targets must be
+One autograd function computes both from one log Z: ``vocab_parallel_logprobs_and_entropy``
+(what a train step's loss needs: log π, and H as a loss term or a metric) saves the passes of a
+second log-sum-exp over the shard. When H takes no gradient, p is recomputed in the backward
+pass from the saved x and log Z, so the forward keeps no [..., V_r] tensor of its own (at T = 1
+in float32, x is a view of the logits); when it does, p and log p are kept. Targets must be
 real ids (0 ≤ t < V): positions with other values (e.g. an ignore index) give meaningless values
 and must be masked by the caller.
 """
@@ -80,50 +83,50 @@ def _to_shard_width(grad: torch.Tensor, width: int) -> torch.Tensor:
     return grad if grad.shape[-1] == width else F.pad(grad, (0, width - grad.shape[-1]))
 
 
-class _VocabParallelLogProb(torch.autograd.Function):
+class _VocabParallelLogProbEntropy(torch.autograd.Function):
+    """(log π(t), H) from one log Z. ``targets`` None: no log π; ``entropy`` "none": no H,
+    "value": H without gradient, "differentiable": H with gradient. Skipped outputs are empty."""
+
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, group: Group,
-                temperature: float, vocab_size: int | None) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor | None, group: Group,
+                temperature: float, vocab_size: int | None, entropy: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, start = _real_ids(logits, group, temperature, vocab_size)
         log_z = _log_normalizer(x, group)
-        real = x.shape[-1]
-        here = (targets >= start) & (targets < start + real)
-        local = (targets - start).clamp(0, max(real - 1, 0))
-        picked = x.gather(-1, local.unsqueeze(-1)).squeeze(-1) if real else torch.zeros_like(log_z)
-        target_logit = _all_reduce(torch.where(here, picked, torch.zeros_like(picked)), group)
-        ctx.save_for_backward(x, log_z, local, here)
+        logp = h = log_z.new_empty(0)
+        local = here = p = log_p = None
+        if targets is not None:
+            real = x.shape[-1]
+            here = (targets >= start) & (targets < start + real)
+            local = (targets - start).clamp(0, max(real - 1, 0))
+            picked = x.gather(-1, local.unsqueeze(-1)).squeeze(-1) if real else torch.zeros_like(log_z)
+            logp = _all_reduce(torch.where(here, picked, torch.zeros_like(picked)), group) - log_z
+        else:
+            ctx.mark_non_differentiable(logp)
+        if entropy != "none":
+            log_p = _log_probabilities(x, log_z)
+            p = log_p.exp()
+            h = _all_reduce((p * log_p).sum(dim=-1).neg_(), group)
+        if entropy != "differentiable" or not ctx.needs_input_grad[0]:
+            p = log_p = None  # log π's backward recomputes p from x and log Z: no [..., V_r] tensor kept
+            ctx.mark_non_differentiable(h)
+        ctx.save_for_backward(x, log_z, local, here, p, log_p, h if p is not None else None)
         ctx.temperature, ctx.width = temperature, logits.shape[-1]
-        return target_logit - log_z
+        return logp, h
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, log_z, local, here = ctx.saved_tensors
-        d = _log_probabilities(x, log_z).exp_().neg_()  # −p_v
-        if d.shape[-1]:
-            d.scatter_add_(-1, local.unsqueeze(-1), here.unsqueeze(-1).to(d.dtype))  # + 1[v = t]
-        d.mul_((grad / ctx.temperature).unsqueeze(-1))
-        return _to_shard_width(d, ctx.width), None, None, None, None
-
-
-class _VocabParallelEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, group: Group, temperature: float,
-                vocab_size: int | None) -> torch.Tensor:
-        x, _ = _real_ids(logits, group, temperature, vocab_size)
-        log_p = _log_probabilities(x, _log_normalizer(x, group))
-        p = log_p.exp()
-        entropy = _all_reduce((p * log_p).sum(dim=-1).neg_(), group)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(p, log_p, entropy)
-            ctx.temperature, ctx.width = temperature, logits.shape[-1]
-        return entropy
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        p, log_p, entropy = ctx.saved_tensors
-        d = -p * (log_p + entropy.unsqueeze(-1))  # x_v − Σ_u p_u x_u = log p_v + H
-        d.mul_((grad / ctx.temperature).unsqueeze(-1))
-        return _to_shard_width(d, ctx.width), None, None, None
+    def backward(ctx: Any, grad_logp: torch.Tensor, grad_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, log_z, local, here, p, log_p, h = ctx.saved_tensors
+        g_logp = grad_logp / ctx.temperature if local is not None else None
+        if p is not None:  # −p (g_logπ + g_H (log p + H)) / T
+            d = (log_p + h.unsqueeze(-1)).mul_((grad_h / ctx.temperature).unsqueeze(-1))
+            if g_logp is not None:
+                d.add_(g_logp.unsqueeze(-1))
+            d.mul_(p).neg_()
+        else:  # −p g_logπ / T
+            d = _log_probabilities(x, log_z).exp_().neg_().mul_(g_logp.unsqueeze(-1))
+        if g_logp is not None and d.shape[-1]:  # + 1[v = t] g_logπ / T
+            d.scatter_add_(-1, local.unsqueeze(-1), (g_logp * here).unsqueeze(-1).to(d.dtype))
+        return _to_shard_width(d, ctx.width), None, None, None, None, None
 
 
 def _check_temperature(temperature: float) -> None:
@@ -145,7 +148,7 @@ def vocab_parallel_logprobs(
     float32 or wider arithmetic whatever the input dtype. All TP ranks must call it together.
     """
     _check_temperature(temperature)
-    return _VocabParallelLogProb.apply(logits_shard, targets, tp_group, temperature, vocab_size)
+    return _VocabParallelLogProbEntropy.apply(logits_shard, targets, tp_group, temperature, vocab_size, "none")[0]
 
 
 def vocab_parallel_entropy(
@@ -157,4 +160,22 @@ def vocab_parallel_entropy(
     """Entropy H(π) = −Σ_v π_v log π_v [...] of the tempered distribution from this rank's
     logits [..., V_pad/TP]; arguments as for :func:`vocab_parallel_logprobs`."""
     _check_temperature(temperature)
-    return _VocabParallelEntropy.apply(logits_shard, tp_group, temperature, vocab_size)
+    return _VocabParallelLogProbEntropy.apply(logits_shard, None, tp_group, temperature, vocab_size,
+                                              "differentiable")[1]
+
+
+def vocab_parallel_logprobs_and_entropy(
+    logits_shard: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: Group = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(targets), H(π)) from one log Z: what the two functions above give, with one pass
+    over the shard fewer. ``entropy_grad=False``: H is a value only (a metric), and the
+    backward of log π recomputes p instead of keeping it; arguments as for
+    :func:`vocab_parallel_logprobs`."""
+    _check_temperature(temperature)
+    return _VocabParallelLogProbEntropy.apply(logits_shard, targets, tp_group, temperature, vocab_size,
+                                              "differentiable" if entropy_grad else "value")

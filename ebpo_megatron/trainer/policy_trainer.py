@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..algorithms import EntropyMech, aggregate, kl_penalty, policy_loss
 from ..models.policy_model import positions_can_be_skipped
-from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from ..parallel.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 from . import megatron_fixes
 from .batching import PolicyBatch, microbatch_indices, minibatch_slices
 
@@ -262,11 +262,21 @@ class PolicyTrainer:
     def _token_logprobs(self, mb: PolicyBatch, start: int, logits: torch.Tensor) -> torch.Tensor:
         """log π(tokens[t+1] | tokens[≤t]) at temperature T, target-aligned [b, s−1], from the
         vocab-parallel logits [b, s − start, v/tp] of positions start, …; 0 before ``start``."""
-        logp = vocab_parallel_logprobs(
-            logits[:, :-1].float(), mb.tokens[:, start + 1:], self.tp_group,
-            temperature=self.step_cfg.temperature, vocab_size=self.vocab_size,
-        )
-        return F.pad(logp, (start, 0))
+        return F.pad(vocab_parallel_logprobs(*self._vocab_inputs(mb, start, logits)), (start, 0))
+
+    def _token_logprobs_and_entropy(self, mb: PolicyBatch, start: int, logits: torch.Tensor,
+                                    entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_token_logprobs` and H(π) at the same positions, from one log Z; H is
+        differentiable iff ``entropy_grad`` (a loss term, not only a metric)."""
+        logp, entropy = vocab_parallel_logprobs_and_entropy(*self._vocab_inputs(mb, start, logits),
+                                                            entropy_grad=entropy_grad)
+        return F.pad(logp, (start, 0)), F.pad(entropy, (start, 0))
+
+    def _vocab_inputs(self, mb: PolicyBatch, start: int, logits: torch.Tensor) -> tuple[Any, ...]:
+        """Arguments of the vocab-parallel functions: the logits of positions start … s−2 and
+        their targets tokens[start+1:], the TP group, T and the real vocabulary size."""
+        return (logits[:, :-1].float(), mb.tokens[:, start + 1:], self.tp_group,
+                self.step_cfg.temperature, self.vocab_size)
 
     # ------------------------------------------------------------------------ log-probs
     @torch.no_grad()
@@ -384,7 +394,8 @@ class PolicyTrainer:
         mech = loss_cfg.entropy_mechanism()
 
         def loss_fn(mb: PolicyBatch, start: int, logits: torch.Tensor):
-            logp = self._token_logprobs(mb, start, logits)
+            logp, entropy = self._token_logprobs_and_entropy(  # H: a metric unless it is a loss term
+                mb, start, logits, entropy_grad=loss_cfg.entropy_coef > 0)
             mask = mb.loss_mask.to(logp.dtype)
             loss, stats = policy_loss(
                 logp, mb.old_logp, mb.advantages, mask,
@@ -399,11 +410,6 @@ class PolicyTrainer:
                                norm_const=loss_cfg.norm_const, **totals)
                 loss = loss + loss_cfg.kl_coef * kl
                 report["actor/kl_ref"] = kl.detach()
-            with torch.set_grad_enabled(loss_cfg.entropy_coef > 0):  # a metric unless it is a loss term
-                entropy = F.pad(vocab_parallel_entropy(
-                    logits[:, :-1].float(), self.tp_group, temperature=self.step_cfg.temperature,
-                    vocab_size=self.vocab_size,
-                ), (start, 0))
             if loss_cfg.entropy_coef > 0:
                 loss = loss - loss_cfg.entropy_coef * aggregate(
                     entropy, mask, loss_cfg.agg, norm_const=loss_cfg.norm_const, **totals)
