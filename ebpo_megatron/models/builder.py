@@ -1,7 +1,8 @@
 """Build Megatron-Core ``GPTModel`` chunks from a :class:`ModelConfig` and a ``ParallelConfig``.
 
-Layer spec: ``get_gpt_layer_local_spec`` (RMSNorm, ``qk_layernorm`` for QK-norm; without CUDA its
-core attention is SDPA, see ``parallel.cpu_compat``) or the Transformer Engine spec. Precision
+Layer spec: ``get_gpt_layer_local_spec`` (RMSNorm, ``qk_layernorm`` for QK-norm; linear layers
+with a direct forward when autograd is off, see ``models.no_grad_linear``; without CUDA its core
+attention is SDPA, see ``parallel.cpu_compat``) or the Transformer Engine spec. Precision
 fp32 / bf16 / fp8; for fp8 Megatron builds the TE recipe from ``TransformerConfig.fp8_recipe``
 ("delayed" -> ``DelayedScaling``, "tensorwise" -> ``Float8CurrentScaling``), :func:`fp8_recipe`
 returns the same object. Transformer Engine and FP8 need the ``gpu`` extra; asking for them
