@@ -78,9 +78,9 @@ def alternate(sides: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
     return times
 
 
-def medians_and_ratio(times: dict[str, list[float]]) -> tuple[float, float, str]:
-    """(median seconds of "ours", of "hf", and "R.RRx   (per round LO-HI" for the per-round
-    ratios hf/ours: above 1 means ours is faster); the caller closes the parenthesis."""
+def medians_and_ratio(times: dict[str, list[float]], detail: str = "") -> tuple[float, float, str]:
+    """(median seconds of "ours", of "hf", and "R.RRx   (per round LO-HI<detail>)" for the
+    per-round ratios hf/ours: above 1 means ours is faster)."""
     ratios = sorted(h / o for h, o in zip(times["hf"], times["ours"]))
     return (statistics.median(times["ours"]), statistics.median(times["hf"]),
-            f"{statistics.median(ratios):.2f}x   (per round {ratios[0]:.2f}-{ratios[-1]:.2f}")
+            f"{statistics.median(ratios):.2f}x   (per round {ratios[0]:.2f}-{ratios[-1]:.2f}{detail})")

@@ -77,19 +77,19 @@ def main() -> None:
             outputs["hf"] = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
 
         times = alternate({"ours": ours, "hf": theirs}, args.rounds)
-        t_ours, t_hf, ratio = medians_and_ratio(times)
         tokens = args.batch * args.new
-        mode = "greedy" if args.n == 1 else f"{args.n} samples per prompt at T={temperature}"
-        print(f"{describe(cfg, args.hf)}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
-              f"{mode}, {args.threads} threads, {args.rounds} rounds (median)")
-        print(f"HF transformers generate : {tokens / t_hf:8.0f} tokens/s")
-        print(f"native engine (Megatron) : {tokens / t_ours:8.0f} tokens/s")
         check = ""
         if args.n == 1:
             same = sum(a == b for r, t in zip(outputs["ours"].response_ids, outputs["hf"][:, args.prompt:].tolist())
                        for a, b in zip(r, t))
             check = f", identical greedy tokens: {same}/{tokens}"
-        print(f"ratio (ours / HF)        : {ratio}{check})")
+        t_ours, t_hf, ratio = medians_and_ratio(times, check)
+        mode = "greedy" if args.n == 1 else f"{args.n} samples per prompt at T={temperature}"
+        print(f"{describe(cfg, args.hf)}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
+              f"{mode}, {args.threads} threads, {args.rounds} rounds (median)")
+        print(f"HF transformers generate : {tokens / t_hf:8.0f} tokens/s")
+        print(f"native engine (Megatron) : {tokens / t_ours:8.0f} tokens/s")
+        print(f"ratio (ours / HF)        : {ratio}")
 
         if args.skip_export:
             return

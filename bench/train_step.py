@@ -98,7 +98,8 @@ def main() -> None:
           f"{args.micro} sequences per micro-batch, {args.threads} threads, {args.rounds} rounds (median)")
     print(f"HF transformers + torch AdamW : {t_hf:7.3f} s/step  {tokens / t_hf:8.0f} tokens/s")
     print(f"ebpo_megatron (Megatron-Core) : {t_mc:7.3f} s/step  {tokens / t_mc:8.0f} tokens/s")
-    print(f"ratio (ours / HF)             : {ratio})")
+    print(f"ratio (ours / HF)             : {ratio}")
+
 
 if __name__ == "__main__":
     main()
