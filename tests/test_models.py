@@ -1,5 +1,5 @@
-"""The built GPTModel's forward (TP=1, fp32) equals a forward written with plain torch ops in
-float64 for the same weights: embedding, RMSNorm, RoPE with Llama-3 scaling, GQA attention with
+"""The built GPTModel's forward (TP=1, fp32) and every parameter's gradient equal a forward
+written with plain torch ops in float64 for the same weights, and its autograd gradients: embedding, RMSNorm, RoPE with Llama-3 scaling, GQA attention with
 a causal mask, QKV bias (qwen2), QK-norm (qwen3), SwiGLU, tied/untied head; for each family.
 Also ModelConfig parsing, layout validation, vocabulary padding and the missing-extra errors;
 GPU-only checks (Transformer Engine, FP8) skip with a reason without CUDA."""
@@ -122,9 +122,17 @@ def _compare_families(rank: int, world: int) -> dict[str, dict[str, float]]:
                     param.copy_(1.0 + 0.5 * torch.randn_like(param))
         names = {n for n, _ in model.named_parameters()}
         tokens = torch.randint(0, cfg.vocab_size, (2, SEQ))
-        logits = model(tokens, torch.arange(SEQ).expand(2, SEQ), None).double()
-        params = {n: t.detach().double() for n, t in model.named_parameters()}
+        logits = model(tokens, torch.arange(SEQ).expand(2, SEQ), None)
+        # gradients of one scalar of the logits through both models
+        probe = torch.randn(logits.shape, dtype=torch.float64)
+        (logits.double() * probe).sum().backward()
+        logits = logits.detach().double()
+        params = {n: t.detach().double().requires_grad_() for n, t in model.named_parameters()}
         ref = reference_forward(params, cfg, tokens)
+        (ref * probe).sum().backward()
+        ref = ref.detach()
+        grad_diff = max(float((t.grad.double() - params[n].grad).abs().max() / params[n].grad.abs().max())
+                        for n, t in model.named_parameters())
         tail = model(tokens, torch.arange(SEQ).expand(2, SEQ), None, logits_from=SEQ - 5).double()
         no_scaling = reference_forward(params, ModelConfig(**{**vars(cfg), "rope_scaling": None}), tokens)
         out[family] = {
@@ -133,6 +141,7 @@ def _compare_families(rank: int, world: int) -> dict[str, dict[str, float]]:
             "scaling_effect": float((no_scaling - ref).abs().max()),
             "inv_freq_diff": float((model.rotary_pos_emb.inv_freq.double() - rope_inv_freq(cfg)).abs().max()
                                    / rope_inv_freq(cfg).abs().max()),
+            "grad_diff": grad_diff,
             "vocab": logits.shape[-1], "has_bias": "decoder.layers.0.self_attention.linear_qkv.bias" in names,
             "has_qk_norm": "decoder.layers.0.self_attention.q_layernorm.weight" in names,
             "has_output_layer": "output_layer.weight" in names,
@@ -145,6 +154,7 @@ def test_forward_matches_plain_torch_reference_for_each_family() -> None:
     for family, r in results.items():
         assert r["scale"] > 0.1, (family, r)
         assert r["diff"] < 1e-5, (family, r)
+        assert r["grad_diff"] < 1e-5, (family, r)  # every parameter's gradient, relative to its largest
         assert r["tail_shape"] == (2, 5) and r["tail_diff"] < 1e-5, (family, r)  # logits_from
         assert r["inv_freq_diff"] < 1e-6, (family, r)
         assert r["vocab"] == 128  # 100 padded to a multiple of 128

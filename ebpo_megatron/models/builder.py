@@ -113,7 +113,8 @@ def fp8_recipe(model: ModelConfig, parallel: ParallelConfig | None = None):
 def layer_spec(model: ModelConfig):
     """Transformer layer ``ModuleSpec``: Transformer Engine, or local with RMSNorm and linear layers
     that skip Megatron's autograd functions when autograd is off (``models.no_grad_linear``);
-    self-attention caches rotated keys when generating (``models.rotated_key_cache``)."""
+    self-attention caches rotated keys when generating (``models.rotated_key_cache``), the MLP's
+    SwiGLU is one autograd function (``models.swiglu_mlp``)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -121,6 +122,7 @@ def layer_spec(model: ModelConfig):
 
     from .no_grad_linear import NoGradColumnParallelLinear, NoGradRowParallelLinear
     from .rotated_key_cache import RotatedKeyCacheAttention
+    from .swiglu_mlp import SwiGLUMLP
 
     if model.transformer_impl == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=bool(model.qk_norm))
@@ -131,6 +133,7 @@ def layer_spec(model: ModelConfig):
         attention.linear_qkv = mlp.linear_fc1 = NoGradColumnParallelLinear
         attention.linear_proj = mlp.linear_fc2 = NoGradRowParallelLinear
     spec.submodules.self_attention.module = RotatedKeyCacheAttention
+    spec.submodules.mlp.module = SwiGLUMLP
     return spec
 
 
@@ -162,10 +165,12 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.
     """
     from megatron.core import parallel_state
 
+    from . import rope
     from .policy_model import PolicyGPTModel
 
     config = transformer_config(model, parallel)  # raises first if the gpu extra is missing
     cpu_compat.enable()
+    rope.install()
     spec = layer_spec(model)
     vocab = padded_vocab_size(model.vocab_size, parallel.tensor_parallel, parallel.vocab_multiple)
     chunks = []

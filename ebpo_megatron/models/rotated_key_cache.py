@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention, _yarn_get_concentration_factor_from_config
+
+from .rope import apply_rotary_pos_emb
 
 
 class RotatedKeyCacheAttention(SelfAttention):
