@@ -41,15 +41,25 @@ def _worker(rank: int, world: int, port: int, outdir: str, fn: Callable, args: t
         pickle.dump(result, f)
 
 
-def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
+def run_ranks(fn: Callable, world: int, *args: Any, env: dict[str, str] | None = None) -> list[Any]:
     """Run ``fn(rank, world, *args)`` in ``world`` spawned processes (RANK/WORLD_SIZE/MASTER_*
-    set, as torchrun would); returns each rank's return value, or fails with its traceback."""
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(world, free_port(), outdir, fn, args), nprocs=world, join=True)
-        results = []
-        for rank in range(world):
-            with open(os.path.join(outdir, f"rank{rank}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
+    set, as torchrun would; ``env`` added to the environment they start with, e.g.
+    CUDA_VISIBLE_DEVICES=""); returns each rank's return value, or fails with its traceback."""
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        with tempfile.TemporaryDirectory() as outdir:
+            mp.spawn(_worker, args=(world, free_port(), outdir, fn, args), nprocs=world, join=True)
+            results = []
+            for rank in range(world):
+                with open(os.path.join(outdir, f"rank{rank}.pkl"), "rb") as f:
+                    results.append(pickle.load(f))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     failures = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if not res["ok"]]
     if failures:
         raise AssertionError("\n".join(failures))

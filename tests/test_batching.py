@@ -47,3 +47,16 @@ def test_token_budget_packing_respects_budget_and_covers_rows():
 def test_shape_mismatch_names_the_field():
     with pytest.raises(ValueError, match="loss_mask"):
         PolicyBatch(torch.zeros(2, 5, dtype=torch.long), torch.tensor([5, 5]), torch.zeros(2, 5), torch.zeros(2))
+
+
+def test_to_moves_every_tensor_and_keeps_the_rest():
+    batch = make_batch([5, 3])
+    batch = batch.with_logps(old_logp=torch.zeros(2, 4), rollout_logp=torch.ones(2, 4))
+    moved = batch.to(torch.device("meta"))  # a device of its own, on any machine
+    for name in ("tokens", "lengths", "loss_mask", "advantages", "old_logp", "rollout_logp"):
+        value = getattr(moved, name)
+        assert value.device.type == "meta" and value.shape == getattr(batch, name).shape, name
+        assert value.dtype == getattr(batch, name).dtype, name
+    assert moved.ref_logp is None
+    back = batch.to(torch.device("cpu"))
+    assert torch.equal(back.tokens, batch.tokens) and torch.equal(back.rollout_logp, batch.rollout_logp)

@@ -1,7 +1,11 @@
-"""GPU-only checks (Transformer Engine layers, FP8, bf16 throughput). They skip with a reason
-on machines without CUDA or Transformer Engine, and run on a GPU machine with the `gpu` extra."""
+"""GPU checks: Transformer Engine layers, FP8, bf16 throughput, and the CUDA path of the train
+step, the native engine and a whole run, whose batches are built in host memory. They skip with
+a reason on machines without CUDA or Transformer Engine and run on a GPU machine
+(`tools/device_check.sh`); the helpers of the CUDA-path checks also run on the CPU here."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -67,26 +71,138 @@ def test_fp8_forward_stays_close_to_fp32():
     assert diff < 0.15 * scale
 
 
+def _bf16_steps(rank: int, world: int) -> dict[str, float]:
+    """Two bf16 train steps (local spec, mixed precision: bf16 weights, fp32 main parameters in
+    the distributed optimizer) from a batch in host memory; the second step's metrics."""
+    from ebpo_megatron.models import build_policy
+    from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
+    from ebpo_megatron.trainer.batching import PolicyBatch
+    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+
+    cfg = ModelConfig(**CFG, precision="bf16")
+    initialize(ParallelConfig(), cfg)
+    cpu_compat.set_seed(0)
+    trainer = PolicyTrainer(build_policy(cfg, ParallelConfig()), OptimConfig(lr=1e-5), LossConfig(kl_coef=0.0),
+                            StepConfig(micro_batch_size=8, step_kl=False, peak_tflops=989.0))
+    tokens = torch.randint(0, 1000, (16, 128))
+    batch = PolicyBatch(tokens, torch.full((16,), 128), torch.ones(16, 127), torch.randn(16),
+                        old_logp=torch.full((16, 127), -7.0))
+    trainer.train_step(batch)
+    return trainer.train_step(batch)
+
+
 @needs_cuda
 def test_bf16_local_train_step_reports_mfu():
-    from ebpo_megatron.trainer.batching import PolicyBatch
-
-    def _step(rank, world):
-        from ebpo_megatron.models import build_policy
-        from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
-        from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
-
-        cfg = ModelConfig(**CFG, precision="bf16")
-        initialize(ParallelConfig(), cfg)
-        cpu_compat.set_seed(0)
-        trainer = PolicyTrainer(build_policy(cfg, ParallelConfig()), OptimConfig(lr=1e-5), LossConfig(kl_coef=0.0),
-                                StepConfig(micro_batch_size=8, step_kl=False, peak_tflops=989.0))
-        tokens = torch.randint(0, 1000, (16, 128), device="cuda")
-        mask = torch.ones(16, 127, device="cuda")
-        batch = PolicyBatch(tokens, torch.full((16,), 128), mask, torch.randn(16, device="cuda"),
-                            old_logp=torch.full((16, 127), -7.0, device="cuda"))
-        trainer.train_step(batch)
-        return trainer.train_step(batch)
-
-    metrics = run_ranks(_step, 1)[0]
+    metrics = run_ranks(_bf16_steps, 1)[0]
     assert 0.0 < metrics["perf/mfu"] < 1.0 and metrics["perf/tokens_per_s"] > 0
+
+
+# ------------------------------------------------------ the CUDA path of the train step and rollout
+# The RL loop builds its batches in host memory; the trainer and the native engine move what the
+# model reads to the model's device, and metric collectives on CPU tensors go over gloo while
+# the model's go over NCCL. Each helper runs on CUDA where there is one and on the CPU in a
+# process that sees no GPU (``CPU_ONLY``); on a CPU machine the helpers run once each, so the
+# GPU checks' own code is exercised in every test run.
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+STEP_KEYS = ("actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/param_norm",
+             "actor/step_kl", "actor/kl_ref")
+
+
+def _policy_with_fixed_weights(cfg: ModelConfig) -> list:
+    """Policy chunks on this process's device with the deterministic weights of test_policy_trainer."""
+    from test_policy_trainer import full_init
+
+    from ebpo_megatron.models import build_policy
+    from ebpo_megatron.models.weights import assign_full_weights, full_weights
+    from ebpo_megatron.parallel import ParallelConfig
+
+    chunks = build_policy(cfg, ParallelConfig())
+    shapes = {name: tuple(t.shape) for name, t in full_weights(chunks).items()}
+    assign_full_weights(chunks, lambda name: full_init(name, shapes))
+    return chunks
+
+
+def _host_batch_step(rank: int, world: int) -> dict:
+    """One train step from a batch in host memory: π_old and π_ref recomputed, the step KL."""
+    import dataclasses
+
+    from test_policy_trainer import CFG, fixed_batch
+
+    from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
+    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+
+    initialize(ParallelConfig(), CFG)
+    cpu_compat.set_seed(0)
+    chunks, reference = _policy_with_fixed_weights(CFG), _policy_with_fixed_weights(CFG)
+    trainer = PolicyTrainer(chunks, OptimConfig(lr=1e-3, adam_eps=1e-3), LossConfig(kl_coef=0.01),
+                            StepConfig(micro_batch_size=3, step_kl=True), ref_chunks=reference)
+    batch = dataclasses.replace(fixed_batch(), old_logp=None)
+    metrics = trainer.train_step(batch)
+    return {"device": str(next(chunks[0].parameters()).device), "batch_device": str(batch.tokens.device),
+            "metrics": {key: metrics[key] for key in STEP_KEYS}}
+
+
+def _rollouts(rank: int, world: int) -> dict:
+    """Greedy and sampled responses of the native engine to prompts of different lengths."""
+    from test_policy_trainer import CFG
+
+    from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
+    from ebpo_megatron.rollout.base import SamplingParams
+    from ebpo_megatron.rollout.native_engine import NativeEngine
+
+    initialize(ParallelConfig(), CFG)
+    cpu_compat.set_seed(0)
+    model = _policy_with_fixed_weights(CFG)[0]
+    engine = NativeEngine(model, pad_token_id=0, max_sequence_length=CFG.max_position_embeddings)
+    prompts = [[5, 9, 13, 2], [7, 1], [3, 3, 8, 40, 11, 6]]
+    out = {"device": str(next(model.parameters()).device)}
+    for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        batch = engine.generate(prompts, SamplingParams(n=2, temperature=temperature, max_new_tokens=8, seed=3))
+        out[name] = (batch.response_ids, batch.logprobs)
+    return out
+
+
+def test_cuda_path_helpers_run_here() -> None:
+    """The helpers of the CUDA checks below, on this machine's device."""
+    step, rollouts = run_ranks(_host_batch_step, 1)[0], run_ranks(_rollouts, 1)[0]
+    assert step["batch_device"] == "cpu"
+    assert all(math.isfinite(v) for v in step["metrics"].values()), step
+    for name in ("greedy", "sampled"):
+        responses, logprobs = rollouts[name]
+        assert len(responses) == 6 and all(len(r) == len(lp) > 0 for r, lp in zip(responses, logprobs))
+
+
+@needs_cuda
+def test_train_step_on_cuda_from_a_host_batch_equals_the_cpu_step() -> None:
+    cuda, cpu = run_ranks(_host_batch_step, 1)[0], run_ranks(_host_batch_step, 1, env=CPU_ONLY)[0]
+    assert cuda["device"].startswith("cuda") and cpu["device"] == "cpu"
+    for key in STEP_KEYS:
+        assert cuda["metrics"][key] == pytest.approx(cpu["metrics"][key], rel=1e-4, abs=1e-6), key
+
+
+@needs_cuda
+def test_native_engine_on_cuda_equals_the_cpu_engine() -> None:
+    cuda, cpu = run_ranks(_rollouts, 1)[0], run_ranks(_rollouts, 1, env=CPU_ONLY)[0]
+    assert cuda["device"].startswith("cuda") and cpu["device"] == "cpu"
+    for name in ("greedy", "sampled"):  # the sampling uniforms come from the same CPU generator
+        (cuda_ids, cuda_logp), (cpu_ids, cpu_logp) = cuda[name], cpu[name]
+        assert cuda_ids == cpu_ids, name
+        for a, b in zip(cuda_logp, cpu_logp):
+            assert a == pytest.approx(b, abs=1e-4), name
+
+
+@needs_cuda
+def test_embedded_run_trains_on_cuda(tmp_path) -> None:
+    """`ebpo-train` on the embedded task on a GPU: warm start, rollouts, train steps, evaluation
+    and checkpoints, with NCCL for the model and gloo for host tensors."""
+    import json
+    import subprocess
+
+    from test_train_e2e import command, env
+
+    done = subprocess.run(command(tmp_path, "run.steps=3"), env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "actor/loss" in row]
+    assert len(steps) == 3 and all(math.isfinite(row["actor/loss"]) for row in steps)

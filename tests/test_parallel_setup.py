@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ebpo_megatron.parallel.distributed import ParallelConfig, first_host, launch_info
+from ebpo_megatron.parallel.distributed import ParallelConfig, first_host, launch_info, process_group_backend
 from mp_utils import run_ranks
 
 
@@ -25,6 +25,16 @@ def test_slurm_environment_takes_master_from_the_node_list():
 def test_single_process_default():
     info = launch_info({})
     assert (info.rank, info.world_size) == (0, 1) and info.master_port > 0
+
+
+def test_process_group_backend_keeps_host_tensors_on_gloo_with_cuda():
+    """With CUDA, NCCL carries CUDA tensors and gloo the host ones (metric sums, the estimator's
+    group table, the prior); torch parses the per-device form."""
+    assert process_group_backend(False) == "gloo"
+    mixed = process_group_backend(True)
+    assert mixed == "cpu:gloo,cuda:nccl"
+    config = torch.distributed.distributed_c10d.BackendConfig(torch.distributed.Backend(mixed))
+    assert config.get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
 
 
 def test_parallel_config_rules():

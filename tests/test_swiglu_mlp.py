@@ -1,6 +1,7 @@
 """``models.swiglu_mlp``: silu(y₁) ⊙ y₂ and its gradient equal a float64 autograd reference and
-gradcheck; ``SwiGLUMLP`` gives Megatron's ``MLP`` output and input / weight gradients for the same
-weights; a clamped SwiGLU falls back to Megatron's forward."""
+gradcheck; an ``MLP`` turned into a ``SwiGLUMLP`` gives Megatron's output and input / weight
+gradients for the same weights; ``build_policy`` turns every layer's MLP; a clamped SwiGLU falls
+back to Megatron's forward."""
 
 from __future__ import annotations
 
@@ -39,19 +40,20 @@ def test_gradcheck_float64() -> None:
 def _compare_with_megatron_mlp(rank: int, world: int) -> dict[str, float]:
     from megatron.core.transformer.mlp import MLP
 
-    from ebpo_megatron.models import ModelConfig
+    from ebpo_megatron.models import ModelConfig, build_policy
     from ebpo_megatron.models.builder import layer_spec, transformer_config
-    from ebpo_megatron.models.swiglu_mlp import SwiGLUMLP
+    from ebpo_megatron.models.swiglu_mlp import SwiGLUMLP, use_swiglu_mlp
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize, launch_info
 
-    model = ModelConfig(num_layers=1, hidden_size=16, ffn_hidden_size=24, num_attention_heads=2,
+    model = ModelConfig(num_layers=2, hidden_size=16, ffn_hidden_size=24, num_attention_heads=2,
                         num_kv_heads=2, vocab_size=32, max_position_embeddings=8)
     initialize(ParallelConfig(), model, launch_info())
-    cpu_compat.enable()
+    built = build_policy(model, ParallelConfig())[0]
     config = transformer_config(model, ParallelConfig())
     submodules = layer_spec(model).submodules.mlp.submodules
-    ours, theirs = SwiGLUMLP(config, submodules), MLP(config, submodules)
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = MLP(config, submodules), MLP(config, submodules)
+    ours.load_state_dict(theirs.state_dict())
+    use_swiglu_mlp(ours)
     x = torch.randn(6, 2, 16)
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ours, bias_ours = ours(x_ours)
@@ -62,11 +64,12 @@ def _compare_with_megatron_mlp(rank: int, world: int) -> dict[str, float]:
     diffs = {"out": float((out_ours - out_theirs).abs().max()),
              "x_grad": float((x_ours.grad - x_theirs.grad).abs().max()),
              "bias_none": float(bias_ours is None and bias_theirs is None),
-             "plain": float(ours.plain_swiglu)}
+             "plain": float(ours.plain_swiglu), "converted": float(type(ours) is SwiGLUMLP),
+             "built": float(sum(type(m) is SwiGLUMLP for m in built.modules()))}
     for (name, p_ours), p_theirs in zip(ours.named_parameters(), theirs.parameters()):
         diffs[f"{name}.grad"] = float((p_ours.grad - p_theirs.grad).abs().max())
     config.activation_func_clamp_value = 1.0  # not plain SwiGLU: Megatron's forward
-    diffs["clamped_plain"] = float(SwiGLUMLP(config, submodules).plain_swiglu)
+    diffs["clamped_plain"] = float(ours.plain_swiglu)
     assert ours.activation_func is F.silu
     return diffs
 
@@ -74,6 +77,7 @@ def _compare_with_megatron_mlp(rank: int, world: int) -> dict[str, float]:
 def test_swiglu_mlp_equals_megatron_mlp() -> None:
     diffs = run_ranks(_compare_with_megatron_mlp, 1)[0]
     assert diffs.pop("plain") == 1.0 and diffs.pop("clamped_plain") == 0.0 and diffs.pop("bias_none") == 1.0
+    assert diffs.pop("converted") == 1.0 and diffs.pop("built") == 2.0  # build_policy: every layer's MLP
     assert len(diffs) == 4, diffs  # out, x_grad, fc1 and fc2 weight gradients
     for name, diff in diffs.items():
         assert diff < 1e-5, (name, diff)

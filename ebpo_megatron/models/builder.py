@@ -113,8 +113,7 @@ def fp8_recipe(model: ModelConfig, parallel: ParallelConfig | None = None):
 def layer_spec(model: ModelConfig):
     """Transformer layer ``ModuleSpec``: Transformer Engine, or local with RMSNorm and linear layers
     that skip Megatron's autograd functions when autograd is off (``models.no_grad_linear``);
-    self-attention caches rotated keys when generating (``models.rotated_key_cache``), the MLP's
-    SwiGLU is one autograd function (``models.swiglu_mlp``)."""
+    self-attention caches rotated keys when generating (``models.rotated_key_cache``)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -122,7 +121,6 @@ def layer_spec(model: ModelConfig):
 
     from .no_grad_linear import NoGradColumnParallelLinear, NoGradRowParallelLinear
     from .rotated_key_cache import RotatedKeyCacheAttention
-    from .swiglu_mlp import SwiGLUMLP
 
     if model.transformer_impl == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=bool(model.qk_norm))
@@ -133,7 +131,6 @@ def layer_spec(model: ModelConfig):
         attention.linear_qkv = mlp.linear_fc1 = NoGradColumnParallelLinear
         attention.linear_proj = mlp.linear_fc2 = NoGradRowParallelLinear
     spec.submodules.self_attention.module = RotatedKeyCacheAttention
-    spec.submodules.mlp.module = SwiGLUMLP
     return spec
 
 
@@ -167,6 +164,7 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.
 
     from . import rope
     from .policy_model import PolicyGPTModel
+    from .swiglu_mlp import use_swiglu_mlp
 
     config = transformer_config(model, parallel)  # raises first if the gpu extra is missing
     cpu_compat.enable()
@@ -191,6 +189,7 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.
             vp_stage=vp,
         )
         _apply_rope_scaling(chunk, model)
+        use_swiglu_mlp(chunk)  # the MLP's SwiGLU as one autograd function (models.swiglu_mlp)
         chunk.real_vocab_size = model.vocab_size
         chunks.append(chunk)
     return chunks

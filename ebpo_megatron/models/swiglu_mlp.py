@@ -52,14 +52,15 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLUMLP(MLP):
-    """``MLP`` with :func:`swiglu` as its activation when the configuration is plain SwiGLU."""
+    """``MLP`` with :func:`swiglu` as its activation when the configuration is plain SwiGLU.
+    It adds no state: :func:`use_swiglu_mlp` turns built ``MLP`` modules into it."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    @property
+    def plain_swiglu(self) -> bool:
         config = self.config
-        self.plain_swiglu = (config.gated_linear_unit and self.activation_func is F.silu
-                             and not config.use_te_activation_func and not config.bias_activation_fusion
-                             and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0)
+        return (config.gated_linear_unit and self.activation_func is F.silu
+                and not config.use_te_activation_func and not config.bias_activation_fusion
+                and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0)
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale: torch.Tensor | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -69,3 +70,13 @@ class SwiGLUMLP(MLP):
         if fc1_bias is not None:
             fc1_out = fc1_out + fc1_bias
         return self.linear_fc2(swiglu(fc1_out))
+
+
+def use_swiglu_mlp(module: torch.nn.Module) -> None:
+    """Every Megatron ``MLP`` in ``module`` becomes a :class:`SwiGLUMLP` (same parameters and
+    buffers; only ``forward`` differs). Done on built modules rather than through the layer spec
+    because ``TransformerLayer`` recognizes ``MLP`` by identity: a subclass in the spec is built
+    without the layer's TP group argument, with an "Unknown MLP type" warning per layer."""
+    for submodule in module.modules():
+        if type(submodule) is MLP:
+            submodule.__class__ = SwiGLUMLP

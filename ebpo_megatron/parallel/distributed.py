@@ -136,8 +136,15 @@ def launch_info(env: dict[str, str] | None = None) -> LaunchInfo:
     return LaunchInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port())
 
 
+def process_group_backend(cuda: bool) -> str:
+    """gloo on the CPU; with CUDA, NCCL for CUDA tensors (the model's collectives) and gloo for
+    CPU tensors (metric sums, the advantage estimator's group table, the Welford prior: they
+    live in host memory, and an NCCL-only group refuses them)."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def initialize(parallel: ParallelConfig, model: object, info: LaunchInfo | None = None) -> int:
-    """Validate, create the default process group (nccl on GPU, gloo on CPU) and Megatron's
+    """Validate, create the default process group (:func:`process_group_backend`) and Megatron's
     model-parallel groups; returns the data-parallel size."""
     from megatron.core import parallel_state
 
@@ -145,7 +152,7 @@ def initialize(parallel: ParallelConfig, model: object, info: LaunchInfo | None 
     world_size = dist.get_world_size() if dist.is_initialized() else info.world_size
     dp = validate_layout(world_size, parallel, model)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = process_group_backend(torch.cuda.is_available())
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank)
         host = f"[{info.master_addr}]" if ":" in info.master_addr else info.master_addr  # IPv6

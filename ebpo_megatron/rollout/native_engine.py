@@ -12,7 +12,9 @@ key), which spares SDPA a mask per layer. A group is never split across batches 
 ``max_batch_size``.
 
 TP: logits are gathered over the vocabulary shards (``runtime_gather_output``) and every TP
-rank draws from an identically seeded generator, so all ranks sample the same tokens.
+rank draws from an identically seeded generator, so all ranks sample the same tokens. The
+generator lives on the CPU and the model's device does the rest (tokens, masks, cache), so a
+seed gives the same draws on any device.
 PP > 1 is not supported by this engine (a clear error); vLLM is the engine for large models.
 """
 
@@ -87,6 +89,7 @@ class NativeEngine(RolloutEngine):
         model = self.model
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device
         n = params.n
         batch = len(prompts) * n
         prompt_len = max(len(p) for p in prompts)
@@ -95,12 +98,13 @@ class NativeEngine(RolloutEngine):
         for b, p in enumerate(prompts):
             tokens[b, prompt_len - len(p):] = torch.tensor(p)
             prompt_pad[b, prompt_len - len(p):] = False
+        tokens, prompt_pad = tokens.to(device), prompt_pad.to(device)
         total = prompt_len + params.max_new_tokens
         context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=total)
         padded = bool(prompt_pad.any())
-        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool).triu(1)
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).triu(1)
         mask = causal[None, None] | prompt_pad[:, None, None, :] if padded else None  # True = masked out
-        positions = torch.arange(prompt_len).unsqueeze(0).expand(len(prompts), -1)
+        positions = torch.arange(prompt_len, device=device).unsqueeze(0).expand(len(prompts), -1)
         logits = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
         logits = logits.repeat_interleave(n, dim=0)
         _share_prompt_cache(context, len(prompts), n, prompt_len)
@@ -108,13 +112,14 @@ class NativeEngine(RolloutEngine):
         context.increment_sequence_len_offset(prompt_len)
         context.enable_decode_mode()
 
-        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long)
-        key_is_pad = torch.cat([is_pad, torch.zeros(batch, params.max_new_tokens, dtype=torch.bool)], 1)
-        out_tokens = torch.full((batch, params.max_new_tokens), self.pad_token_id, dtype=torch.long)
-        out_logp = torch.zeros((batch, params.max_new_tokens))
-        length = torch.zeros(batch, dtype=torch.long)
-        finished = torch.zeros(batch, dtype=torch.bool)
-        stopped = torch.zeros(batch, dtype=torch.bool)
+        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+        new_tokens = (batch, params.max_new_tokens)
+        key_is_pad = torch.cat([is_pad, torch.zeros(new_tokens, dtype=torch.bool, device=device)], 1)
+        out_tokens = torch.full(new_tokens, self.pad_token_id, dtype=torch.long, device=device)
+        out_logp = torch.zeros(new_tokens, device=device)
+        length = torch.zeros(batch, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(params.max_new_tokens):
             token, logp = sample_tokens(
                 logits[:, -1, : self.vocab_size], temperature=params.temperature, top_k=params.top_k,
@@ -131,13 +136,14 @@ class NativeEngine(RolloutEngine):
                 break
             offset = context.sequence_len_offset
             step_mask = key_is_pad[:, None, None, : offset + 1] if padded else None
-            step_positions = torch.full((batch, 1), offset, dtype=torch.long)
+            step_positions = torch.full((batch, 1), offset, dtype=torch.long, device=device)
             logits = model(token.unsqueeze(1), step_positions, step_mask,
                            inference_context=context, runtime_gather_output=True)
             context.increment_sequence_len_offset(1)
         model.train(was_training)
+        out_tokens, out_logp, lengths, stopped = (t.cpu() for t in (out_tokens, out_logp, length, stopped))
         return [
-            (out_tokens[b, : length[b]].tolist(), out_logp[b, : length[b]].tolist(),
+            (out_tokens[b, : lengths[b]].tolist(), out_logp[b, : lengths[b]].tolist(),
              "stop" if stopped[b] else "length")
             for b in range(batch)
         ]

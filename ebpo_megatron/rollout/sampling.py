@@ -54,8 +54,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     """One token per row of ``probs`` [B, V] by inversion: with C_v = Σ_{u≤v} p_u (float64) and
     x = U·C_V, U ~ Uniform[0, 1), the token is the first v with C_v > x, so P(v) = p_v and a
     token with p_v = 0 is never drawn. One uniform per row; ``torch.multinomial`` draws one
-    exponential per vocabulary entry, which dominates a CPU decode step at 49k tokens."""
+    exponential per vocabulary entry, which dominates a CPU decode step at 49k tokens. U comes
+    from ``generator``'s device (the CPU for the native engine's) and moves to ``probs``'s."""
     cdf = probs.double().cumsum(dim=-1)
-    x = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator,
-                   device=probs.device) * cdf[:, -1:]
+    uniform_device = generator.device if generator is not None else probs.device
+    uniform = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=uniform_device)
+    x = uniform.to(probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

@@ -63,6 +63,12 @@ class PolicyBatch:
     def with_logps(self, **logps: torch.Tensor) -> "PolicyBatch":
         return replace(self, **logps)
 
+    def to(self, device: torch.device) -> "PolicyBatch":
+        """Every tensor on ``device``. A step's batch stays in host memory; the trainer moves
+        each micro-batch to the model's device as Megatron's schedule asks for it."""
+        return PolicyBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                              for f in fields(self)})
+
 
 def minibatch_slices(batch_size: int, num_minibatches: int) -> list[slice]:
     """Cut ``batch_size`` rows into ``num_minibatches`` contiguous, equal-as-possible slices."""

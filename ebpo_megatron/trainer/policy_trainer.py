@@ -9,6 +9,9 @@ One call of :meth:`PolicyTrainer.train_step` on a :class:`PolicyBatch` (this DP 
     3. per-step KL(π_t ‖ π_{t+1}) on the step's tokens and throughput metrics.
 Every forward computes logits from the micro-batch's first response position on
 (``PolicyBatch.response_start``, ``models.policy_model``): log π of prompt tokens is never used.
+The batch may live in host memory (the RL loop builds it there); each micro-batch is moved to
+the model's device when the schedule's forward step takes it, and log-probs come back to the
+batch's device.
 
 Loss scaling. Each micro-batch's loss is normalized by the counts of the *whole* mini-batch on
 all DP ranks (N_tok for token-mean, B for the sequence modes; see ``algorithms.aggregate``),
@@ -162,6 +165,7 @@ class PolicyTrainer:
         self.optim_cfg, self.loss_cfg, self.step_cfg = optim, loss, step
         config = _unwrap(chunks[0]).config
         self.model_config = config
+        self.device = next(_unwrap(chunks[0]).parameters()).device  # micro-batches are moved here
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             config.variable_seq_lengths = True  # micro-batches are trimmed to their own length
         megatron_fixes.skip_single_rank_bucket_collectives()
@@ -239,7 +243,7 @@ class PolicyTrainer:
     def _run(self, chunks, microbatches: list[PolicyBatch], loss_fn, forward_only: bool) -> list[dict]:
         """One pass of Megatron's schedule over ``microbatches``; returns loss_fn's dicts."""
         def forward_step(data_iterator: Iterator[PolicyBatch], model: torch.nn.Module):
-            mb = next(data_iterator)
+            mb = next(data_iterator).to(self.device)
             seq = mb.tokens.shape[1]
             positions = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
             start = mb.response_start() if self.skip_prompt_logits else None
@@ -282,7 +286,7 @@ class PolicyTrainer:
     @torch.no_grad()
     def logprobs(self, batch: PolicyBatch, reference: bool = False) -> torch.Tensor | None:
         """Target-aligned log-probs [B, L−1] of the policy (or the reference) on the last PP
-        stage; None on the other stages."""
+        stage, on the batch's device; None on the other stages."""
         chunks = self.ref_chunks if reference else self.chunks
         if chunks is None:
             raise ValueError("reference log-probs requested but no reference chunks were given")
@@ -296,9 +300,9 @@ class PolicyTrainer:
         outputs = self._run(chunks, micro, collect, forward_only=True)
         if not self.is_last_stage:
             return None
-        full = torch.zeros(batch.loss_mask.shape, dtype=torch.float32)
+        full = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=batch.loss_mask.device)
         for idx, out in zip(rows, outputs):
-            logp = out["logp"]
+            logp = out["logp"].to(full.device)
             full[idx, : logp.shape[1]] = logp
         return full
 

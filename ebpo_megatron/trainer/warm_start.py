@@ -24,7 +24,7 @@ def _clip_grad_norm(params: list[torch.Tensor], max_norm: float, tp_group: dist.
     """Scale gradients so the norm of the *whole* model's gradient is at most ``max_norm``:
     TP-sharded gradients are summed over the TP group, replicated ones counted once."""
     tp_size = dist.get_world_size(tp_group)
-    squares = torch.zeros((), dtype=torch.float64)
+    squares = torch.zeros((), dtype=torch.float64, device=params[0].device)
     for p in params:
         weight = 1.0 if getattr(p, "tensor_model_parallel", False) else 1.0 / tp_size
         squares += weight * p.grad.double().pow(2).sum()
@@ -52,14 +52,15 @@ def sft_warm_start(
     # sequence is split over ranks
     skip_prompt_logits = positions_can_be_skipped(model.config)
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device  # the batches (host memory) are moved here one at a time
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     for step, batch in enumerate(batches):
-        tokens_here = batch.loss_mask.sum()
-        total = tokens_here.clone().double()
+        batch = batch.to(device)
+        total = batch.loss_mask.sum().double()
         dist.all_reduce(total, group=dp_group)
-        positions = torch.arange(batch.tokens.shape[1]).unsqueeze(0).expand_as(batch.tokens)
+        positions = torch.arange(batch.tokens.shape[1], device=device).unsqueeze(0).expand_as(batch.tokens)
         first = batch.response_start() if skip_prompt_logits else None
         logits = model(batch.tokens, positions, None, logits_from=first)
         start = first or 0
