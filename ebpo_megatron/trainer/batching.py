@@ -66,8 +66,8 @@ class PolicyBatch:
     def to(self, device: torch.device) -> "PolicyBatch":
         """Every tensor on ``device``. A step's batch stays in host memory; the trainer moves
         each micro-batch to the model's device as Megatron's schedule asks for it."""
-        return PolicyBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                              for f in fields(self)})
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PolicyBatch(**{name: None if t is None else t.to(device) for name, t in tensors.items()})
 
 
 def minibatch_slices(batch_size: int, num_minibatches: int) -> list[slice]:
