@@ -38,7 +38,8 @@ def full_init(name: str, shape_hint: dict) -> torch.Tensor:
     return 0.05 * torch.randn(shape, generator=g)
 
 
-def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="given", prompt_logits=False):
+def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="given", prompt_logits=False,
+          precision="fp32"):
     from megatron.core import parallel_state
 
     from ebpo_megatron.models import build_policy
@@ -47,7 +48,7 @@ def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="g
     from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
 
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
-    cfg = dataclasses.replace(CFG, recompute=recompute)
+    cfg = dataclasses.replace(CFG, recompute=recompute, precision=precision)
     initialize(parallel, cfg)
     cpu_compat.set_seed(0)
     chunks = build_policy(cfg, parallel)
@@ -72,8 +73,8 @@ def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="g
 
 
 def run_layout(shapes, world, tp, pp, micro, agg="token-mean", recompute="none", old_logp="given",
-               prompt_logits=False):
-    results = run_ranks(_step, world, tp, pp, micro, agg, shapes, recompute, old_logp, prompt_logits)
+               prompt_logits=False, precision="fp32"):
+    results = run_ranks(_step, world, tp, pp, micro, agg, shapes, recompute, old_logp, prompt_logits, precision)
     weights = {}
     for r in results:
         weights.update(r["weights"])
@@ -120,6 +121,30 @@ def test_weights_move_and_updates_differ_from_init(single):
     assert 1e-4 < moved < 1e-2  # one Adam step of lr 1e-3
     norm = sum(float(w.double().pow(2).sum()) for w in weights.values()) ** 0.5  # float64, updated weights
     assert metrics["actor/param_norm"] == pytest.approx(norm, rel=1e-7)
+
+
+def test_bf16_step_stays_within_bf16_rounding_of_the_fp32_step(shapes, single):
+    """precision bf16: bf16 weights and activations, fp32 main parameters and Adam state in the
+    distributed optimizer (Megatron's mixed-precision path, as on a GPU), from the same weights
+    and batch as the fp32 step: the same step up to bf16's rounding (8 significant bits)."""
+    metrics, weights = run_layout(shapes, 1, 1, 1, 8, precision="bf16")
+    ref_metrics, ref_weights = single["token-mean"]
+    for key in ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/param_norm"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=2e-2), key
+    assert metrics["actor/grad_norm"] == pytest.approx(ref_metrics["actor/grad_norm"], rel=5e-2)
+    bf16 = {name for name, w in weights.items() if w.dtype == torch.bfloat16}
+    assert bf16 == {name for name in weights if "layernorm" not in name}  # Megatron's torch norms: fp32
+    for name, weight in weights.items():
+        initial = full_init(name, shapes)
+        step = ref_weights[name] - initial  # the fp32 step's update (Adam, lr 1e-3)
+        start = initial.to(weight.dtype).float()  # where the bf16 run started: the rounded weights
+        rounding = (start - initial).norm()
+        # the bf16 weights are the fp32 main parameters rounded: at most the two roundings (start,
+        # end) away from the fp32 step's weights, plus a little of the step (bf16 gradients)
+        assert (weight.float() - ref_weights[name]).norm() <= 2 * rounding + 0.1 * step.norm(), name
+        if weight.dtype == torch.bfloat16:  # the update they took points the fp32 step's way
+            taken = weight.float() - start
+            assert float((taken * step).sum() / (taken.norm() * step.norm())) > 0.95, name
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
