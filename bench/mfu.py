@@ -54,13 +54,11 @@ def main() -> None:
         cpu_compat.set_seed(0)
         trainer = PolicyTrainer(build_policy(cfg, ParallelConfig()), OptimConfig(lr=1e-5), LossConfig(kl_coef=0.0),
                                 StepConfig(micro_batch_size=args.micro, step_kl=False, peak_tflops=args.peak_tflops))
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
-        batch = PolicyBatch(tokens, torch.full((args.batch,), args.seq),
-                            torch.ones(args.batch, args.seq - 1, device=device),
-                            torch.randn(args.batch, generator=g).to(device),
-                            old_logp=torch.full((args.batch, args.seq - 1), -10.0, device=device))
+        g = torch.Generator().manual_seed(0)  # the batch in host memory, as the RL loop has it
+        tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+        batch = PolicyBatch(tokens, torch.full((args.batch,), args.seq), torch.ones(args.batch, args.seq - 1),
+                            torch.randn(args.batch, generator=g),
+                            old_logp=torch.full((args.batch, args.seq - 1), -10.0))
         trainer.train_step(batch)  # warm-up
         steps = [trainer.train_step(batch) for _ in range(args.steps)]
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

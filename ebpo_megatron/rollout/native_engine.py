@@ -141,9 +141,9 @@ class NativeEngine(RolloutEngine):
                            inference_context=context, runtime_gather_output=True)
             context.increment_sequence_len_offset(1)
         model.train(was_training)
-        out_tokens, out_logp, lengths, stopped = (t.cpu() for t in (out_tokens, out_logp, length, stopped))
+        out_tokens, out_logp, length, stopped = (x.cpu() for x in (out_tokens, out_logp, length, stopped))
         return [
-            (out_tokens[b, : lengths[b]].tolist(), out_logp[b, : lengths[b]].tolist(),
+            (out_tokens[b, : length[b]].tolist(), out_logp[b, : length[b]].tolist(),
              "stop" if stopped[b] else "length")
             for b in range(batch)
         ]

@@ -365,7 +365,7 @@ class PolicyTrainer:
         normed in float32 and their squares summed in float64: within ~1e-8 of an all-float64
         sum, without a float64 copy of the model."""
         tp_size = dist.get_world_size(self.tp_group)
-        squares = torch.zeros((), dtype=torch.float64, device=next(self.chunks[0].parameters()).device)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for chunk in self.chunks:
             for param in chunk.module.parameters():
                 weight = 1.0 if getattr(param, "tensor_model_parallel", False) else 1.0 / tp_size
