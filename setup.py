@@ -20,6 +20,7 @@ CORE_REQUIREMENTS = [
     "wandb>=0.17",
     "psutil>=5.9",  # dist_checkpointing's writer process needs it
     "einops>=0.7",
+    "xxhash>=3.0",  # checkpoint checksums (MANIFEST.json), about 15 GB/s
 ]
 
 EXTRAS = {
@@ -36,7 +37,9 @@ EXTRAS = {
     # the real-model demo (`make real`): tools/fetch_smollm2.py reads a GGUF file with transformers
     "smollm2": ["gguf>=0.10", "accelerate>=1.0", "transformers>=5.0"],
     # tests compare against Hugging Face `transformers` models built from configs (no download)
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "transformers>=4.51", "safetensors>=0.4"],
+    # tools/compare.py: paired confidence intervals (scipy.stats)
+    "study": ["scipy>=1.11"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "transformers>=4.51", "safetensors>=0.4"],
 }
 
 setup(

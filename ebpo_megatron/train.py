@@ -2,6 +2,10 @@
 
 One process, or many under torchrun / srun (ranks from the environment). The config is
 validated before any model or process-group work.
+
+Exit status: 0 done (or stopped by SIGUSR1/SIGTERM after a checkpoint); 1 a NaN/inf loss; 2 bad
+input: the config, a data file, a damaged checkpoint (any ValueError, ``CheckpointError``
+included, or a missing file), reported as one line ``ebpo-train: error: ...``.
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ import argparse
 import sys
 import warnings
 
-from .config.schema import load_config
-from .config.typed import ConfigError
+from .omp_env import apply_omp_defaults
+
+apply_omp_defaults()  # before torch (imported by the config schema) loads its OpenMP runtime
+
+from .config.schema import load_config  # noqa: E402
+from .config.typed import ConfigError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     for noise in ("Transformer Engine and Apex", "Apex is not installed", ".*is deprecated",
                   "The following imports from", "To copy construct from a tensor"):
         warnings.filterwarnings("ignore", message=noise)
-    from .trainer.checkpoint import CheckpointError
     from .trainer.rl_loop import NonFiniteLoss, StopRequested
     from .trainer.run import run
 
@@ -35,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         run(config)
     except StopRequested as stop:
         print(f"ebpo-train: {stop}; rerun the same command to resume", file=sys.stderr)
-    except (NonFiniteLoss, CheckpointError, ValueError, FileNotFoundError) as err:
+    except NonFiniteLoss as err:
         print(f"ebpo-train: error: {err}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as err:  # bad input: data files, checkpoints (CheckpointError), ...
+        print("ebpo-train: error: " + " ".join(str(err).splitlines()), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,7 +19,7 @@ PROMPTS_SEEN = [0]  # prompts generated in this process
 
 class HFBackedVLLM:
     def __init__(self, model_dir: str | Path, *, tensor_parallel_size: int, gpu_memory_utilization: float,
-                 enforce_eager: bool, load_format: str, dtype: str, seed: int, max_model_len: int | None,
+                 enforce_eager: bool | None, load_format: str, dtype: str, seed: int, max_model_len: int | None,
                  engine_kwargs: dict[str, Any] | None) -> None:
         import transformers
 
@@ -52,6 +52,17 @@ class HFBackedVLLM:
                 reason = "stop"
                 break
         return SimpleNamespace(index=index, token_ids=tokens, logprobs=logprobs, finish_reason=reason)
+
+    @torch.no_grad()
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        logits = self.model(torch.tensor([token_ids])).logits[0, :-1].double()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids[1:])[:, None])[:, 0]
+
+    def begin_update(self) -> None:
+        EVENTS.append("sync")
+
+    def finish_update(self) -> None:
+        return None
 
     def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> list[str]:
         params = dict(self.model.named_parameters())

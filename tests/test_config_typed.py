@@ -51,3 +51,56 @@ def test_overrides_parse_yaml_scalars():
     assert cfg.optim.lr == 3e-5 and cfg.limit == 7 and cfg.tags == ["a", "b"]
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         apply_overrides({}, ["nonsense"])
+
+
+@dataclass
+class Sampling:
+    n: int = 4
+    temperature: float = 1.0
+
+
+@dataclass
+class Loss:
+    kl_coef: float = 0.0
+
+
+@dataclass
+class Algorithm:
+    estimator: str = "ebpo"
+    loss: Loss = field(default_factory=Loss)
+
+
+@dataclass
+class Trainer:
+    KEY_ALIASES = {"group_size": "rollout.n"}  # a plain class attribute, not a field
+    rollout: Sampling = field(default_factory=Sampling)
+    algorithm: Algorithm = field(default_factory=Algorithm)
+
+
+@pytest.mark.parametrize(
+    "data,suggestion",
+    [
+        ({"algorithm": {"estimatr": "x"}}, "'algorithm.estimator'"),  # a close name in the same section
+        ({"algorithm": {"group_size": 8}}, "'rollout.n'"),  # a well-known alias
+        ({"rollout": {"kl_coef": 0.1}}, "'algorithm.loss.kl_coef'"),  # the same name in another section
+        ({"algorithm": {"temprature": 0.7}}, "'rollout.temperature'"),  # a close name in another section
+    ],
+)
+def test_unknown_key_searches_every_section(data, suggestion):
+    with pytest.raises(ConfigError, match=rf"unknown key\. Did you mean {suggestion}\?"):
+        from_dict(Trainer, data)
+
+
+def test_the_trainer_config_points_other_frameworks_names_at_its_own():
+    from ebpo_megatron.config.schema import Config, load_config
+
+    for override, ours in (("algorithm.group_size=8", "rollout.n"), ("algorithm.num_generations=8", "rollout.n"),
+                           ("rollout.kl_coef=0.1", "algorithm.loss.kl_coef"),
+                           ("data.max_response_length=64", "rollout.max_new_tokens"),
+                           ("algorithm.learning_rate=1e-5", "train.optim.lr"), ("sft.learning_rate=1e-5", "sft.lr")):
+        with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: unknown key\. Did you mean '{ours}'\?"):
+            load_config(None, [override])
+    for alias, ours in Config.KEY_ALIASES.items():  # every alias names a real key
+        node: object = Config()
+        for part in ours.split("."):
+            node = getattr(node, part)

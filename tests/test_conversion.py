@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -287,3 +288,129 @@ def test_peak_memory_of_a_200m_model_is_a_small_multiple_of_its_largest_tensor(t
     assert torch.equal(hf_state(tmp_path / "back")["model.layers.11.mlp.down_proj.weight"],
                        torch.full(shapes["model.layers.11.mlp.down_proj.weight"], 0.01 * (list(shapes).index(
                            "model.layers.11.mlp.down_proj.weight") % 7), dtype=torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
+# --out never destroys what it names, nor the input (ebpo_megatron/conversion/output_dir.py)
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative path -> bytes)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _error_line(stderr: str) -> str:
+    """The tool's one ``error:`` line (library warnings may precede it; no traceback)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+def test_non_empty_out_is_refused_without_overwrite(llama_hf, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "my_notes.txt").write_text("keep me")
+    result = _cli("convert_hf_to_megatron.py", "--hf", str(llama_hf), "--out", str(out))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert str(out) in _error_line(result.stderr) and "--overwrite" in result.stderr
+    assert _snapshot(out) == {"my_notes.txt": b"keep me"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no temporary folder left beside
+
+    from ebpo_megatron.conversion import convert_hf_to_megatron
+
+    convert_hf_to_megatron(llama_hf, out, overwrite=True)  # the tool's --overwrite
+    assert (out / "COMPLETE").is_file() and not (out / "my_notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent", "symlink"])
+def test_out_overlapping_the_hf_input_is_refused_even_with_overwrite(llama_hf, tmp_path, where):
+    import shutil
+
+    hf = tmp_path / "models" / "hf"
+    shutil.copytree(llama_hf, hf)
+    (tmp_path / "link").symlink_to(hf)
+    out = {"same": hf, "inside": hf / "megatron", "parent": tmp_path / "models", "symlink": tmp_path / "link"}[where]
+    before = _snapshot(tmp_path / "models")
+    result = _cli("convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(out), "--overwrite")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert str(out) in _error_line(result.stderr) and str(hf) in result.stderr
+    assert _snapshot(tmp_path / "models") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "models"]
+
+
+def test_megatron_to_hf_never_writes_over_the_run_folder(llama_hf, tmp_path):
+    from ebpo_megatron.conversion import convert_hf_to_megatron, convert_megatron_to_hf
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_000001"
+    convert_hf_to_megatron(llama_hf, ckpt)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _snapshot(run)
+    result = _cli("convert_megatron_to_hf.py", "--ckpt", str(ckpt), "--out", str(run), "--overwrite")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert str(run) in _error_line(result.stderr)
+    with pytest.raises(ValueError, match=re.escape(f"{run}: the output directory contains the input {ckpt}")):
+        convert_megatron_to_hf(ckpt, run)
+    assert _snapshot(run) == before
+
+    notes = tmp_path / "hf_out"
+    notes.mkdir()
+    (notes / "my_notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=re.escape(str(notes)) + ": .* not empty; --overwrite replaces it"):
+        convert_megatron_to_hf(ckpt, notes)
+    assert _snapshot(notes) == {"my_notes.txt": b"keep me"}
+    convert_megatron_to_hf(ckpt, notes, overwrite=True)
+    assert (notes / "config.json").is_file() and not (notes / "my_notes.txt").exists()
+    assert _snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_out", "run"]
+
+
+def test_empty_out_is_used_and_its_neighbours_are_left_alone(llama_hf, tmp_path):
+    from ebpo_megatron.conversion import convert_hf_to_megatron
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out.tmp").mkdir()  # a user's folder that happens to have the old temporary name
+    (tmp_path / "out.tmp" / "mine.txt").write_text("mine")
+    convert_hf_to_megatron(llama_hf, tmp_path / "out")
+    assert (tmp_path / "out" / "COMPLETE").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp"]
+    assert _snapshot(tmp_path / "out.tmp") == {"mine.txt": b"mine"}
+    bad = _edited_copy(llama_hf, tmp_path / "wide", intermediate_size=128)
+    with pytest.raises(ValueError, match="shape"):
+        convert_hf_to_megatron(bad, tmp_path / "failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp", "wide"]
+
+
+# --------------------------------------------------------------------------------------------
+# damaged input files: one message naming the file, exit 2
+@pytest.mark.parametrize("text", ["{\"architectures\": [", "[1, 2]", "\udcff"], ids=["cut", "list", "not-utf8"])
+def test_malformed_config_json_names_the_file(llama_hf, tmp_path, text):
+    import shutil
+
+    bad = tmp_path / "hf"
+    shutil.copytree(llama_hf, bad)
+    (bad / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    result = _cli("convert_hf_to_megatron.py", "--hf", str(bad), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert str(bad / "config.json") in _error_line(result.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["shard", "model.safetensors"])
+def test_truncated_safetensors_names_the_file(llama_hf, tmp_path, single):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "hf"
+    shutil.copytree(llama_hf, bad)
+    if single:  # one model.safetensors instead of shards + index
+        state = hf_state(bad)
+        for shard in [*bad.glob("model-*.safetensors"), bad / "model.safetensors.index.json"]:
+            shard.unlink()
+        save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    victim = bad / "model.safetensors" if single else sorted(bad.glob("model-*.safetensors"))[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    result = _cli("convert_hf_to_megatron.py", "--hf", str(bad), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert str(victim) in _error_line(result.stderr)
+    assert not (tmp_path / "out").exists()

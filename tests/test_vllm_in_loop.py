@@ -1,7 +1,8 @@
 """The trainer with ``rollout.engine: vllm`` end to end on CPU, vLLM replaced by the
 transformers-backed stand-in of tests/hf_vllm_backend.py (same interface): TP=2 x DP=1, so two
 engines serve one data-parallel rank and each must generate half of the prompts; every rollout
-follows a wake and a full weight sync, and the stand-in's log-probs equal the trainer's."""
+follows a wake and a full weight sync checked with the probe, and the stand-in's log-probs
+equal the trainer's."""
 
 from __future__ import annotations
 
@@ -38,11 +39,13 @@ def test_vllm_engine_in_the_rl_loop_tp2_dp1(tmp_path):
     for step in (1, 2, 3):
         assert rows[step]["rollout/sync_bytes"] > 0 and rows[step]["rollout/sync_missing_params"] == 0
         assert rows[step]["rollout/logp_diff_max"] < 1e-4  # the synced copy samples the trainer's policy
+        assert rows[step]["rollout/sync_check_max_diff"] < 1e-4  # the probe checked every sync
     # 8 prompts per step over 2 processes: each engine generated 4 per step, none twice
     # (3 steps of 8 plus 2 evaluations, steps 0 and 3, of the 24 held-out prompts, split in halves)
     assert [r["prompts_seen"] for r in results] == [(3 * 8 + 2 * 24) // 2] * 2
     events = results[0]["events"]
-    assert events[0] == "sleep2" and events[1:3] == ["wake:weights", "wake:kv_cache"]
-    assert events.count("wake:weights") == 3 + 2 and events.count("sleep2") == 1 + 3 + 2  # initial sleep
+    assert events[0] == "sleep2" and events[1:4] == ["wake:weights", "wake:kv_cache", "sync"]
+    assert events.count("wake:weights") == events.count("sync") == 3 + 2
+    assert events.count("sleep2") == 1 + 3 + 2  # and the initial sleep
     assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["steps"] == 3
     assert (Path(tmp_path) / "vllm" / "vllm_model" / "config.json").is_file()

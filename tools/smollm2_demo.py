@@ -40,7 +40,8 @@ def main(overrides: list[str]) -> int:
     if not (HF_DIR / "config.json").is_file():
         _call(str(ROOT / "tools" / "fetch_smollm2.py"), "--out", str(HF_DIR))
     started = time.time()
-    _call(str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf", str(HF_DIR), "--out", str(MEGATRON_DIR))
+    _call(str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf", str(HF_DIR), "--out", str(MEGATRON_DIR),
+          "--overwrite")  # the demo's own outputs: a rerun replaces them
     converted = time.time()
     _call("-m", "ebpo_megatron.train", "--config", str(CONFIG), *overrides)
     run_dir = ROOT / config.run.run_dir
@@ -48,7 +49,7 @@ def main(overrides: list[str]) -> int:
     if checkpoint is None:
         raise SystemExit(f"{run_dir}: the run left no checkpoint to export")
     _call(str(ROOT / "tools" / "convert_megatron_to_hf.py"), "--ckpt", str(checkpoint), "--out", str(run_dir / "hf"),
-          "--config", str(run_dir / "config.yaml"))
+          "--config", str(run_dir / "config.yaml"), "--overwrite")
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary.update(pipeline_wall_seconds=round(time.time() - started, 1),

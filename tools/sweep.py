@@ -34,7 +34,7 @@ Results (``<sweep dir>/results.csv`` and ``results.md``), one row per finished p
 - ``pass1_start`` / ``pass1_end``: held-out pass@1 before RL and at the end (``summary.json``).
 - ``reward_auc`` = (1/T) Σ_{t=1..T} r̄_t, with r̄_t the step's mean training reward
   (``reward/mean``) and T the number of RL steps: the area under the reward-vs-step curve drawn
-  as unit-width bars, divided by T (the same definition as ``bench/ebpo_vs_grpo.py``).
+  as unit-width bars, divided by T (the same definition as ``tools/compare.py``).
 - ``rl_flops`` = Σ_t ``planner.flops_plan(...).model_flops`` at step t's measured lengths: the
   model FLOPs of rollout (prefill + decode), the PPO updates (3x forward per epoch) and the
   old/reference/step-KL forward passes, with forward = (2·N_matmul + 4·L·a·d·s)·tokens. Step t's

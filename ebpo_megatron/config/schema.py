@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..algorithms import list_estimators
 from ..data.chat_arithmetic import DEFAULT_INSTRUCTION, LEVEL_TOPICS
 from ..models.config import ModelConfig
 from ..parallel.distributed import ParallelConfig
 from ..trainer.policy_trainer import LossConfig, OptimConfig, StepConfig
+from .aliases import OTHER_FRAMEWORK_NAMES
+from .precision import resolve_precision
 from .typed import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
@@ -36,6 +38,9 @@ class RunConfig:
     save_every: int = 20
     keep_last: int = 2
     resume: bool = True
+    # a checkpoint whose files fail their checksums on resume: resume from the newest older one
+    # that verifies ("fallback") or stop with an error naming the damaged file ("stop")
+    on_bad_checkpoint: Literal["fallback", "stop"] = "fallback"
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "ebpo_megatron"
     tensorboard: bool = False
@@ -62,6 +67,14 @@ class SyntheticTaskConfig:
     num_eval: int = 200
     levels: list[int] = field(default_factory=lambda: [0, 1, 2])
     tokenizer_vocab: int = 96
+    # the levels whose training problems the supervised warm start (sft.steps > 0) answers;
+    # empty = all of ``levels`` (RL then trains on every level)
+    sft_levels: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not set(self.sft_levels) <= set(self.levels):
+            raise ConfigError(f"data.synthetic.sft_levels: expected a subset of levels {self.levels}, "
+                              f"got {self.sft_levels}")
 
 
 @dataclass
@@ -104,6 +117,9 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)
     tokenizer_dir: str | None = None
     order: Literal["random", "topic", "difficulty"] = "random"
+    # measured pass rates {"uid": rate} (tools/estimate_difficulty.py) that replace the training
+    # prompts' nominal difficulty: the paper's ebpo-diff order
+    difficulty_file: str | None = None
     prompts_per_step: int = 16
     max_prompt_tokens: int = 256
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
@@ -123,7 +139,11 @@ class VLLMConfig:
     tensor_parallel: int = 1
     gpu_memory_utilization: float = 0.5
     sync_bucket_mb: int = 512
-    enforce_eager: bool = False
+    # None: eager on CPU (torch.compile adds minutes to vLLM's start-up there), CUDA graphs on GPUs
+    enforce_eager: bool | None = None
+    # after every sync, vLLM's log-probs of a fixed probe sequence must match the trainer's
+    # (rollout/sync_check.py): an engine computing with other weights is an error, not garbage
+    sync_check: bool = True
 
 
 @dataclass
@@ -156,6 +176,15 @@ class OverlongConfig:
 
 
 @dataclass
+class RunLossConfig(LossConfig):
+    """``algorithm.loss``: the trainer's LossConfig, with truncated importance sampling ``auto``
+    by default (resolved at load: cap 2.0 in bf16 when π_old is recomputed, else off;
+    config/precision.py)."""
+
+    tis_cap: float | Literal["auto"] | None = "auto"
+
+
+@dataclass
 class AlgorithmConfig:
     estimator: str = "ebpo"
     eps: float = 1e-6
@@ -164,7 +193,7 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: RunLossConfig = field(default_factory=RunLossConfig)
 
     def __post_init__(self) -> None:
         if self.estimator not in list_estimators():
@@ -193,6 +222,12 @@ class SFTConfig:
 
     steps: int = 0
     lr: float = 3e-3
+    # linear warm-up over warmup_steps, then constant lr (min_lr unset) or cosine decay to min_lr
+    warmup_steps: int = 0
+    min_lr: float | None = None
+    # stop once the mean training loss of the last 20 steps is at most this (nats per answer
+    # token); ``steps`` is then the most it may take. None: always ``steps``
+    target_loss: float | None = None
     batch_size: int = 64
     # evaluate the held-out set before the warm start too (summary.json "before_sft"), so that the
     # warm start's and RL's shares of the gain are reported apart
@@ -202,10 +237,18 @@ class SFTConfig:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"sft: expected steps >= 0, batch_size >= 1, lr > 0; got steps {self.steps}, "
                               f"batch_size {self.batch_size}, lr {self.lr}")
+        if self.warmup_steps < 0 or (self.steps > 0 and self.warmup_steps > self.steps):
+            raise ConfigError(f"sft.warmup_steps: expected 0 <= warmup_steps <= steps ({self.steps}), "
+                              f"got {self.warmup_steps}")
+        if self.target_loss is not None and self.target_loss <= 0:
+            raise ConfigError(f"sft.target_loss: expected > 0 (nats per answer token), got {self.target_loss}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"sft.min_lr: expected 0 <= min_lr <= lr ({self.lr}), got {self.min_lr}")
 
 
 @dataclass
 class Config:
+    KEY_ALIASES: ClassVar[dict[str, str]] = OTHER_FRAMEWORK_NAMES  # for "Did you mean" (config/aliases.py)
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -224,7 +267,8 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML ``path`` (None: all defaults), apply ``a.b=value`` overrides, validate."""
+    """Read YAML ``path`` (None: all defaults), apply ``a.b=value`` overrides, validate, and
+    resolve ``auto`` precision settings (``config.precision``)."""
     data = {}
     if path is not None:
         path = Path(path)
@@ -235,9 +279,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except Exception as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from err
     try:
-        return from_dict(Config, apply_overrides(data, overrides))
+        config = from_dict(Config, apply_overrides(data, overrides))
     except ConfigError as err:
         raise ConfigError(f"{path or 'config'}: {err}") from err
+    return resolve_precision(config)
 
 
 def dump_config(config: Config) -> str:

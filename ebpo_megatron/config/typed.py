@@ -1,7 +1,9 @@
 """Typed configuration: nested dataclasses built from plain dicts (YAML), validated up front.
 
-An unknown key is an error that suggests the closest valid key; a value of the wrong type
-names the dotted key, the value and the expected type; ``Literal`` choices list the allowed
+An unknown key is an error that suggests the key most likely meant, searched in every section
+(:func:`suggest_keys`: a well-known name from another framework listed in the root class's
+``KEY_ALIASES``, the same name in another section, else the closest name); a value of the wrong
+type names the dotted key, the value and the expected type; ``Literal`` choices list the allowed
 values. Dotted overrides (``optim.lr=1e-5``) are parsed as YAML scalars and applied before
 validation, so a typo on the command line fails at start-up, not at step 300.
 """
@@ -46,7 +48,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -57,7 +59,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         errors = []
         for option in (o for o in options if o is not type(None)):
             try:
-                return _coerce(value, option, key)
+                return _coerce(value, option, key, root)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(f"{key}: got {value!r}, expected {' or '.join(_type_name(o) for o in options)}")
@@ -69,15 +71,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: got {value!r}, expected a list")
         (item_tp, *_rest) = get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{key}[{i}]", root) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: got {value!r}, expected a mapping")
         _, value_tp = get_args(tp) or (Any, Any)
-        return {k: _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+        return {k: _coerce(v, value_tp, f"{key}.{k}", root) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, prefix=key)
+        return from_dict(tp, value, prefix=key, root=root)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: got {value!r}, expected true or false")
@@ -97,12 +99,55 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
 
 
-def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass a field of type ``tp`` holds (``X`` or ``X | None``), else None."""
+    options = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return next((o for o in options if dataclasses.is_dataclass(o)), None)
+
+
+def dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of dataclass ``cls``, sections and their keys, dotted (``train.optim.lr``)."""
+    keys = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        dotted = f"{prefix}{f.name}"
+        keys.append(dotted)
+        section = _dataclass_in(hints[f.name])
+        if section is not None:
+            keys += dotted_keys(section, dotted + ".")
+    return keys
+
+
+def suggest_keys(key: str, prefix: str, section_keys: typing.Iterable[str], root: type) -> list[str]:
+    """The dotted keys an unknown ``key`` of section ``prefix`` most likely meant: its entry in
+    ``root.KEY_ALIASES`` (names other frameworks use for ours), else every key of that name in
+    another section, else the closest name (in this section, or a closer one elsewhere:
+    similarity >= 0.5 here, >= 0.75 elsewhere)."""
+    aliases: dict[str, str] = getattr(root, "KEY_ALIASES", {})
+    if key in aliases:  # the aliased key's name in this section (sft.learning_rate -> sft.lr), else the alias
+        ours = aliases[key].rsplit(".", 1)[-1]
+        return [f"{prefix}.{ours}" if prefix and ours in section_keys else aliases[key]]
+    everywhere = dotted_keys(root)
+    same_name = [d for d in everywhere if d.rsplit(".", 1)[-1] == key]
+    if same_name:
+        return same_name
+    here = [f"{prefix}.{k}" if prefix else k for k in section_keys]
+    scored = [(difflib.SequenceMatcher(None, key, d.rsplit(".", 1)[-1]).ratio(), d)
+              for d in dict.fromkeys(here + everywhere)]
+    close = [(score, d) for score, d in scored if score >= (0.5 if d in here else 0.75)]
+    return [max(close)[1]] if close else []
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "", root: type | None = None) -> T:
     """Build dataclass ``cls`` from a mapping, recursively, validating keys and types.
 
     Runs the dataclass's own ``__post_init__`` checks, which raise ConfigError for values that
-    are well-typed but wrong (a negative learning rate, an impossible layout).
+    are well-typed but wrong (a negative learning rate, an impossible layout). ``root``: the
+    outermost config class (default ``cls``), whose keys an unknown key is compared with.
     """
+    root = root or cls
     where = prefix or cls.__name__
     if data is None:
         data = {}
@@ -114,10 +159,10 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
-            hint = f" Did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+            meant = suggest_keys(str(key), prefix, known, root)
+            hint = f" Did you mean {' or '.join(repr(m) for m in meant)}?" if meant else ""
             raise ConfigError(f"{dotted}: unknown key.{hint} Valid keys: {sorted(known)}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
+        kwargs[key] = _coerce(value, hints[key], dotted, root)
     missing = [
         name for name, f in known.items()
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from .hf_config import read_json
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -28,28 +32,41 @@ class HFCheckpointError(ValueError):
     """A Hugging Face checkpoint cannot be used; the message names the file and the problem."""
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``; a truncated or damaged file is an :class:`HFCheckpointError` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as err:
+        raise HFCheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 class HFCheckpointReader:
     """Lazy access to the tensors of an HF checkpoint directory."""
 
     def __init__(self, hf_dir: Path) -> None:
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         index = self.dir / INDEX
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            content = read_json(index)
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
         elif (self.dir / SINGLE).is_file():
-            with safe_open(self.dir / SINGLE, framework="pt") as f:
+            with open_safetensors(self.dir / SINGLE) as f:
                 weight_map = {name: SINGLE for name in f.keys()}
         else:
             raise HFCheckpointError(f"{self.dir}: neither {INDEX} nor {SINGLE} found")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise HFCheckpointError(f"{index}: no \"weight_map\" object mapping tensor names to shard files")
         missing = sorted({s for s in weight_map.values() if not (self.dir / s).is_file()})
         if missing:
             raise HFCheckpointError(f"{index}: shard file(s) {missing} listed in the index are missing from {self.dir}")
-        self.weight_map = weight_map
+        self.weight_map: dict[str, str] = weight_map
         self._shapes: dict[str, tuple[int, ...]] = {}
         for shard in sorted(set(weight_map.values())):
-            with safe_open(self.dir / shard, framework="pt") as f:
+            with open_safetensors(self.dir / shard) as f:
                 self._shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()})
 
     def _shard(self, name: str) -> Path:
@@ -62,9 +79,7 @@ class HFCheckpointReader:
         return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self._shard(name), framework="pt") as f:
+        with open_safetensors(self._shard(name)) as f:
             return f.get_tensor(name)
 
     def names(self) -> list[str]:

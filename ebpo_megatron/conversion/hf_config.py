@@ -59,11 +59,26 @@ def model_config_from_hf(config: dict[str, Any], source: str = "config.json") ->
     )
 
 
+def read_json(path: Path) -> Any:
+    """The JSON value stored in ``path``; a file that is not UTF-8 or not JSON is a ValueError
+    naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except ValueError as err:  # JSONDecodeError, or an integer over Python's digit limit
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """The ``config.json`` of an HF checkpoint directory; missing or malformed is an error naming it."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json in the Hugging Face checkpoint directory")
-    return json.loads(path.read_text())
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(config).__name__}")
+    return config
 
 
 def hf_config_from_model_config(cfg: ModelConfig):

@@ -15,8 +15,6 @@ source's config and tokenizer files, used by the way back).
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from .megatron_schema import (
     checkpoint_schema,
     megatron_single_process,
 )
+from .output_dir import staged_output
 
 COMPLETE = "COMPLETE"
 MODEL_YAML = "model.yaml"
@@ -102,9 +101,10 @@ def _object_key(key: str, layer: int, num_layers: int) -> str:
 
 
 def convert_hf_to_megatron(hf_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1,
-                           dtype: torch.dtype | None = None) -> ConversionReport:
-    """Convert ``hf_dir`` into a Megatron checkpoint at ``out_dir`` (written to a temporary
-    directory and renamed when complete). ``dtype``: default the HF tensors' own."""
+                           dtype: torch.dtype | None = None, overwrite: bool = False) -> ConversionReport:
+    """Convert ``hf_dir`` into a Megatron checkpoint at ``out_dir``, written beside it and
+    renamed when complete (:mod:`.output_dir`: a non-empty ``out_dir`` only with ``overwrite``,
+    never one overlapping ``hf_dir``). ``dtype``: default the HF tensors' own."""
     started = time.time()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     model = model_config_from_hf(read_hf_config(hf_dir), str(hf_dir / "config.json"))
@@ -114,10 +114,7 @@ def convert_hf_to_megatron(hf_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1
     check_hf_tensors(reader, layout)
     dtype = dtype or reader.get("model.norm.weight").dtype
     padded = padded_vocab_size(model.vocab_size, tp)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with megatron_single_process(model):
+    with staged_output(out_dir, [hf_dir], overwrite) as tmp, megatron_single_process(model):
         from megatron.core.dist_checkpointing.core import (
             CheckpointingConfig,
             save_config,
@@ -146,13 +143,11 @@ def convert_hf_to_megatron(hf_dir: Path, out_dir: Path, tp: int = 1, pp: int = 1
         write_checkpoint(tmp, chunks, list(objects), make_chunk, make_object)
         get_default_save_common_strategy().save_common({}, tmp)
         save_config(CheckpointingConfig("torch_dist", 1), str(tmp))
-    model_block = to_dict(model)
-    model_block["checkpoint"] = str(out_dir.resolve())
-    (tmp / MODEL_YAML).write_text(yaml.safe_dump({"model": model_block}, sort_keys=False))
-    (tmp / HF_SIDE_DIR).mkdir()
-    copy_side_files(hf_dir, tmp / HF_SIDE_DIR)
-    (tmp / COMPLETE).write_text("model\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+        model_block = to_dict(model)
+        model_block["checkpoint"] = str(out_dir.resolve())
+        (tmp / MODEL_YAML).write_text(yaml.safe_dump({"model": model_block}, sort_keys=False))
+        (tmp / HF_SIDE_DIR).mkdir()
+        copy_side_files(hf_dir, tmp / HF_SIDE_DIR)
+        (tmp / COMPLETE).write_text("model\n")
     written = sum(p.stat().st_size for p in out_dir.glob("*.distcp"))
     return ConversionReport(model, len(chunks), written, time.time() - started)

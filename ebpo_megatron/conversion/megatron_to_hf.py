@@ -16,9 +16,6 @@ generated and no tokenizer is written.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +28,7 @@ from ..models.hf_mapping import Layout, megatron_to_hf
 from ..parallel.distributed import padded_vocab_size
 from .dcp_stream import read_slices, stored_tensors
 from .hf_checkpoint import copy_side_files, write_hf_checkpoint
-from .hf_config import hf_config_from_model_config, model_config_from_hf
+from .hf_config import hf_config_from_model_config, model_config_from_hf, read_hf_config
 from .hf_to_megatron import (
     COMPLETE,
     HF_SIDE_DIR,
@@ -45,6 +42,7 @@ from .megatron_schema import (
     checkpoint_schema,
     megatron_single_process,
 )
+from .output_dir import staged_output
 
 
 class MegatronCheckpointError(ValueError):
@@ -74,7 +72,7 @@ def _template_dir(ckpt_dir: Path, model: ModelConfig, template: Path | None) -> 
 
 def _check_template(template: Path, model: ModelConfig) -> None:
     source = template / "config.json"
-    theirs = model_config_from_hf(json.loads(source.read_text()), str(source))
+    theirs = model_config_from_hf(read_hf_config(template), str(source))
     fields = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_kv_heads",
               "kv_channels", "vocab_size", "tie_word_embeddings")
     wrong = [f for f in fields if getattr(theirs, f) != getattr(model, f)]
@@ -132,28 +130,28 @@ def _hf_tensors(ckpt_dir: Path, schema: CheckpointSchema, stored: dict, model: M
 
 def convert_megatron_to_hf(ckpt_dir: Path, out_dir: Path, config_file: Path | None = None,
                            template: Path | None = None, dtype: torch.dtype | None = None,
-                           max_shard_bytes: int = 2 * 1024**3) -> ConversionReport:
-    """Convert ``ckpt_dir`` into an HF checkpoint at ``out_dir`` (temporary directory renamed
-    when complete); ``dtype`` default: the checkpoint's."""
+                           max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> ConversionReport:
+    """Convert ``ckpt_dir`` into an HF checkpoint at ``out_dir``, written beside it and renamed
+    when complete (:mod:`.output_dir`: a non-empty ``out_dir`` only with ``overwrite``, never
+    one overlapping the checkpoint, its config or the template); ``dtype`` default: the
+    checkpoint's."""
     started = time.time()
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not (ckpt_dir / COMPLETE).is_file():
         raise MegatronCheckpointError(f"{ckpt_dir}: not a complete checkpoint (no {COMPLETE} marker)")
-    model, _ = find_model_config(ckpt_dir, config_file)
+    model, config_path = find_model_config(ckpt_dir, config_file)
     template = _template_dir(ckpt_dir, model, template)
     if template is not None:
         _check_template(template, model)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with megatron_single_process(model):
-        schema = checkpoint_schema(model)
-        stored = _check_checkpoint(ckpt_dir, schema, model, Layout.from_model_config(model))
-        count = write_hf_checkpoint(tmp, _hf_tensors(ckpt_dir, schema, stored, model, dtype), max_shard_bytes)
-    if template is not None:
-        copy_side_files(template, tmp)
-    else:
-        hf_config_from_model_config(model).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    inputs = [p for p in (ckpt_dir, config_path, template) if p is not None]
+    with staged_output(out_dir, inputs, overwrite) as tmp:
+        with megatron_single_process(model):
+            schema = checkpoint_schema(model)
+            stored = _check_checkpoint(ckpt_dir, schema, model, Layout.from_model_config(model))
+            count = write_hf_checkpoint(tmp, _hf_tensors(ckpt_dir, schema, stored, model, dtype), max_shard_bytes)
+        if template is not None:
+            copy_side_files(template, tmp)
+        else:
+            hf_config_from_model_config(model).save_pretrained(tmp)
     written = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
     return ConversionReport(model, count, written, time.time() - started)

@@ -207,15 +207,24 @@ def row_to_example(row: Any, *, default_uid: str, default_source: str) -> MathEx
 
 
 def iter_jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(where, row)`` per non-blank line; ``where`` is "line N" (1-based)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """``(where, row)`` per non-blank line; ``where`` is "line N" (1-based). A line that is not
+    UTF-8 or not JSON (including an integer over Python's 4300-digit limit) is a ValueError
+    naming the file and the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: line {lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                                 f"offset {exc.start} of the line)") from None
             if not line.strip():
                 continue
             try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {lineno}: field <row>: invalid JSON ({exc.msg})") from None
+                row = json.loads(line)
+            except ValueError as exc:  # JSONDecodeError, or an integer over the digit limit
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                raise ValueError(f"{path}: line {lineno}: field <row>: invalid JSON ({reason})") from None
+            yield f"line {lineno}", row
 
 
 def iter_parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:

@@ -94,8 +94,8 @@ class Benchmark:
 @dataclass
 class EvalTask:
     """What evaluation needs from a task: decoding, stop tokens, scoring, answer equivalence;
-    ``renderer`` (math configs) turns problems into chat prompts, ``held_out`` is the synthetic
-    task's held-out set."""
+    ``renderer`` (math configs) turns problems into chat prompts; ``train`` and ``held_out`` are an
+    embedded task's two splits."""
 
     tokenizer: TextTokenizer
     stop_token_ids: tuple[int, ...]
@@ -103,6 +103,7 @@ class EvalTask:
     equivalence: Equivalence | None = None
     renderer: ChatPromptRenderer | None = None
     held_out: list[TaskPrompt] = field(default_factory=list)
+    train: list[TaskPrompt] = field(default_factory=list)
 
 
 @dataclass
@@ -172,7 +173,8 @@ def build_eval_task(config: Config, run_dir: Path) -> EvalTask:
             voted = [t.strip() or None for t in texts] if synthetic else [extract_answer(t).answer for t in texts]
             return [s >= 1.0 for s in scores], voted
 
-        return EvalTask(task.tokenizer, task.stop_token_ids, embedded_scorer, held_out=task.held_out)
+        return EvalTask(task.tokenizer, task.stop_token_ids, embedded_scorer, held_out=task.held_out,
+                        train=task.train)
 
     from ..rewards.math import MathReward
     from ..trainer.tasks import HFTokenizer
@@ -196,13 +198,17 @@ def build_eval_task(config: Config, run_dir: Path) -> EvalTask:
     return EvalTask(tokenizer, (tokenizer.eos_id,), math_scorer, MathVerifyEquivalence(reward), renderer)
 
 
-def load_benchmarks(task: EvalTask, files: Sequence[Path]) -> list[Benchmark]:
-    """One benchmark per math file (named by its stem), or the embedded task's held-out set."""
+def load_benchmarks(task: EvalTask, files: Sequence[Path], split: str = "held-out") -> list[Benchmark]:
+    """One benchmark per math file (named by its stem), or one split of an embedded task
+    (``split``: "held-out" or "train")."""
     if task.renderer is None:
         if files:
             raise EvalInputError("--data: an embedded task (data.task other than 'math') evaluates its "
-                                 "held-out set; data files need a math config")
-        return [Benchmark("held-out", "held-out split of the embedded task", task.held_out)]
+                                 "own splits; data files need a math config")
+        splits = {"held-out": task.held_out, "train": task.train}
+        if split not in splits:
+            raise EvalInputError(f"split: expected one of {sorted(splits)}, got {split!r}")
+        return [Benchmark(split, f"{split} split of the embedded task", splits[split])]
     if not files:
         raise EvalInputError("--data: no data file given (and data.eval_files is empty)")
     names = [Path(f).stem for f in files]
@@ -296,6 +302,12 @@ def evaluate_benchmarks(engine: RolloutEngine, task: EvalTask, benchmarks: Seque
     return results
 
 
+def pass_rates(result: BenchmarkResult) -> dict[int, float]:
+    """Per problem uid: p̂ = (1/k) Σ_j 1[sample j correct], the fraction of its k samples graded
+    correct (the ebpo-diff difficulty with k = 16 at temperature 1.0)."""
+    return {p.uid: sum(p.correct) / len(p.correct) for p in result.problems}
+
+
 # ----------------------------------------------------------------------------- from a checkpoint
 @contextmanager
 def policy_engine(config: Config, checkpoint: Path, pad_token_id: int) -> Iterator[RolloutEngine]:
@@ -348,14 +360,15 @@ class EvalRun:
 
 
 def run_evaluation(config: Config, checkpoint: Path, run_dir: Path, data_files: Sequence[Path],
-                   settings: EvalSettings) -> EvalRun:
+                   settings: EvalSettings, split: str = "held-out") -> EvalRun:
     """Everything from a checkpoint: task, benchmarks (checked before any process group), engine,
-    evaluation. ``data_files`` empty: ``data.eval_files`` for math configs."""
+    evaluation. ``data_files`` empty: ``data.eval_files`` for math configs, the embedded task's
+    ``split`` otherwise."""
     started = time.time()
     task = build_eval_task(config, run_dir)
     if not data_files and task.renderer is not None:
         data_files = [Path(f) for f in config.data.eval_files]
-    benchmarks = load_benchmarks(task, data_files)
+    benchmarks = load_benchmarks(task, data_files, split)
     with policy_engine(config, checkpoint, task.tokenizer.pad_id) as engine:
         results = evaluate_benchmarks(engine, task, benchmarks, settings)
         is_rank0 = dist.get_rank() == 0

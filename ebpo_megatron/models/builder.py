@@ -57,6 +57,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
 
     if model.transformer_impl == "transformer_engine":
         _require_transformer_engine("transformer_impl 'transformer_engine'")
+    if model.precision == "auto":
+        raise ValueError("model.precision 'auto' is unresolved: resolve it first "
+                         "(config.precision.resolve_precision; load_config does)")
     if model.precision == "fp8":
         _require_transformer_engine("precision 'fp8'")
     half = model.precision in ("bf16", "fp8")

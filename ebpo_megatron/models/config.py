@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args
 
 Family = Literal["llama", "qwen2", "qwen3"]
 TransformerImpl = Literal["local", "transformer_engine"]
-Precision = Literal["fp32", "bf16", "fp8"]
+Precision = Literal["fp32", "bf16", "fp8", "auto"]  # auto: config.precision resolves it
 Fp8Recipe = Literal["delayed", "current"]
 Recompute = Literal["none", "selective", "full"]
 
@@ -90,7 +90,7 @@ class ModelConfig:
     qkv_bias: bool | None = None  # default: True for qwen2
     qk_norm: bool | None = None  # default: True for qwen3
     transformer_impl: TransformerImpl = "local"
-    precision: Precision = "fp32"
+    precision: Precision = "fp32"  # "auto": bf16 on native-bf16 hardware, else fp32 (config/precision.py)
     fp8_recipe: Fp8Recipe = "delayed"  # delayed scaling, or per-tensor current scaling
     recompute: Recompute | None = None  # None (= "none"), "selective" or "full"
     init_std: float = 0.02

@@ -10,11 +10,17 @@ holds threads) talking over its own socket pair, one task at a time, so:
   started in the background while the other workers go on;
 * a worker that dies (segfault, out of memory under ``memory_limit_mb``) gives its task
   ``error="worker died (exit code N)"`` and is replaced the same way;
-* an exception raised by the checker comes back as ``error="<Type>: <message>"``.
+* an exception raised by the checker comes back as ``error="<Type>: <message>"``;
+* with a per-batch budget (``run(..., budget_s=)``), whatever has not finished when the budget is
+  spent gets ``error=OVER_BUDGET`` (its worker killed and replaced as for a timeout), so a batch
+  of distinct pathological answers costs at most the budget, not one timeout per answer.
 
 The checker is a module-level function, given as the function itself or as ``"module:name"``;
 each worker imports it once at start and calls ``warmup`` (if given) before it reports ready.
-Per-task overhead is one socket round trip (about 0.1 ms; see the rewards tests).
+``returns="bool"`` (the math checker) makes every verdict a bool; ``returns="value"`` (a user
+reward, see safe.py) sends back the number the function returned (the ``repr`` of anything
+else, so a reply can always be pickled). Per-task overhead is one socket round trip (about
+0.1 ms; see the rewards tests).
 
 Unlike ``multiprocessing``'s ``spawn``/``forkserver``, the workers never re-import the caller's
 ``__main__``, so a script without an ``if __name__ == "__main__"`` guard (or a notebook) works.
@@ -38,10 +44,11 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
-Checker = Callable[[str, str], bool]
+Checker = Callable[[str, str], Any]
 
+OVER_BUDGET = "over the batch budget"
 _READY = "__ready__"
 _FATAL = "__fatal__"
 
@@ -66,6 +73,31 @@ def resolve_checker(checker: Checker | str) -> Checker:
     return getattr(importlib.import_module(module_name), attr)
 
 
+def check_sendable(checker: Checker | str) -> None:
+    """Raise ValueError unless ``checker`` can reach a worker process: a ``"module:function"``
+    path that imports, or a function importable by name (not a lambda, a closure, a bound
+    method of an unpicklable object, or anything defined in the caller's ``__main__``, which
+    workers never import)."""
+    if not callable(checker):
+        resolve_checker(checker)
+        return
+    name = getattr(checker, "__qualname__", type(checker).__name__)
+    if getattr(checker, "__module__", None) == "__main__":
+        raise ValueError(f"{name} is defined in __main__, which worker processes do not import: "
+                         "move it to an importable module")
+    try:
+        pickle.dumps(checker)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        raise ValueError(f"{name} cannot be sent to a worker process ({type(err).__name__}: {err}): give a "
+                         "module-level function (or 'module:function'), not a lambda, closure or local "
+                         "function") from err
+
+
+def _plain(value: Any) -> Any:
+    """A user reward's return value as the worker sends it: a number as is, else its repr."""
+    return value if isinstance(value, (int, float)) else repr(value)[:200]
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this process when the thread that started it exits (best effort elsewhere).
 
@@ -87,7 +119,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _worker_main(conn: Connection) -> None:
     """Worker loop: receive ``(task_id, gold, pred)``, send ``(task_id, verdict, error)``."""
     try:
-        checker_ref, warmup, memory_limit_mb, parent_pid = conn.recv()
+        checker_ref, warmup, memory_limit_mb, parent_pid, returns = conn.recv()
         if parent_pid is not None:
             _die_with_parent(parent_pid)
         if memory_limit_mb:
@@ -112,7 +144,8 @@ def _worker_main(conn: Connection) -> None:
             return
         task_id, gold, pred = message
         try:
-            verdict, error = bool(checker(gold, pred)), None
+            value = checker(gold, pred)
+            verdict, error = (bool(value) if returns == "bool" else _plain(value)), None
         except MemoryError:
             verdict, error = False, "MemoryError"
         except Exception as exc:  # noqa: BLE001 — any checker failure is a verdict, not a crash
@@ -144,9 +177,11 @@ class _Worker:
 
 @dataclass(frozen=True)
 class CheckOutcome:
-    """``verdict`` of one check; ``error`` is None, "timeout", "worker died ..." or an exception text."""
+    """``verdict`` of one check (a bool; with ``returns="value"`` the returned number or the repr
+    of anything else; False after an error); ``error`` is None, "timeout", OVER_BUDGET,
+    "worker died ..." or an exception text."""
 
-    verdict: bool
+    verdict: Any
     error: str | None = None
 
 
@@ -165,14 +200,13 @@ class CheckerPool:
         memory_limit_mb: int | None = 4096,
         warmup: bool = True,
         start_timeout_s: float = 120.0,
+        returns: Literal["bool", "value"] = "bool",
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers: expected >= 1, got {num_workers}")
-        if not callable(checker):
-            resolve_checker(checker)  # fail here, not in every worker, on a bad path
-        else:
-            pickle.dumps(checker)  # a lambda or closure cannot reach the workers
+        check_sendable(checker)  # fail here, not in every worker
         self._checker_ref = checker
+        self._returns = returns
         self._memory_limit_mb = memory_limit_mb
         self._warmup = warmup
         self._start_timeout_s = start_timeout_s
@@ -197,7 +231,7 @@ class CheckerPool:
         conn.send(list(sys.path))
         from_main_thread = threading.current_thread() is threading.main_thread()
         parent_pid = os.getpid() if from_main_thread else None
-        conn.send((self._checker_ref, self._warmup, self._memory_limit_mb, parent_pid))
+        conn.send((self._checker_ref, self._warmup, self._memory_limit_mb, parent_pid, self._returns))
         return _Worker(proc, conn)
 
     def _replace(self, index: int) -> None:
@@ -274,8 +308,11 @@ class CheckerPool:
         results[task_id] = CheckOutcome(verdict, error)
         worker.task = None
 
-    def run(self, tasks: Sequence[tuple[str, str]], timeout_s: float) -> list[CheckOutcome]:
-        """Check every ``(gold, pred)``; results in input order. Each task gets ``timeout_s``.
+    def run(self, tasks: Sequence[tuple[str, str]], timeout_s: float,
+            budget_s: float | None = None) -> list[CheckOutcome]:
+        """Check every ``(gold, pred)``; results in input order. Each task gets ``timeout_s``;
+        the whole call ``budget_s`` (None: no limit), after which every unfinished task gets
+        ``error=OVER_BUDGET`` and the workers still busy are replaced.
 
         Task ids grow over the pool's life, so a reply to a task of an earlier call that was
         interrupted (an exception, Ctrl-C) is recognized and dropped, never taken for this one.
@@ -284,6 +321,9 @@ class CheckerPool:
             raise RuntimeError("CheckerPool is closed")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s: expected > 0, got {timeout_s}")
+        if budget_s is not None and budget_s <= 0:
+            raise ValueError(f"budget_s: expected > 0 or None, got {budget_s}")
+        budget_end = time.monotonic() + budget_s if budget_s is not None else float("inf")
         base = self._next_task_id
         self._next_task_id += len(tasks)
         pending = deque(range(base, base + len(tasks)))
@@ -310,7 +350,7 @@ class CheckerPool:
             busy = [w for w in self._workers if w.task is not None]
             if not busy and not any(w.ready for w in self._workers) and now > start_deadline:
                 raise WorkerStartError(f"no reward worker ready after {self._start_timeout_s:.0f} s")
-            wait_for = min((w.deadline for w in busy), default=now + 1.0) - now
+            wait_for = min(min((w.deadline for w in busy), default=now + 1.0), budget_end) - now
             handles = [w.conn for w in self._workers if w.task is not None or not w.ready]
             ready_handles = set(wait(handles, timeout=max(0.0, wait_for)))
             for i, w in enumerate(list(self._workers)):
@@ -318,9 +358,13 @@ class CheckerPool:
                     self._handle_message(i, results)
             now = time.monotonic()
             for i, w in enumerate(list(self._workers)):
-                if w.task is not None and now >= w.deadline and w.task not in results:
-                    results[w.task] = CheckOutcome(False, "timeout")
+                if w.task is not None and w.task not in results and (now >= w.deadline or now >= budget_end):
+                    results[w.task] = CheckOutcome(False, "timeout" if now >= w.deadline else OVER_BUDGET)
                     self._replace(i)
+            if now >= budget_end:
+                for task_id in pending:
+                    results[task_id] = CheckOutcome(False, OVER_BUDGET)
+                pending.clear()
         return [results[task_id] for task_id in range(base, base + len(tasks))]
 
 

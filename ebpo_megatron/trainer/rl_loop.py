@@ -30,9 +30,10 @@ from ..config.typed import ConfigError
 from ..models.hf_mapping import Layout
 from ..rollout.base import RolloutEngine, SamplingParams
 from ..rollout.weight_export import export_hf_weights
-from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dir, latest_checkpoint, resume_checkpoint, save_checkpoint
 from .policy_trainer import PolicyTrainer
 from .rollout_batch import build_policy_batch
+from .sync_probe import trainer_sync_probe
 from .task import Task, TaskPrompt
 
 
@@ -236,10 +237,11 @@ class RLLoop:
             tmp.replace(self.checkpoint_root / "BEST")  # atomic: a kill leaves the old or the new
 
     def try_resume(self) -> bool:
-        latest = latest_checkpoint(self.checkpoint_root) if self.config.run.resume else None
-        if latest is None:
+        if not self.config.run.resume:
             return False
-        state = load_checkpoint(latest, self.trainer)
+        state = resume_checkpoint(self.checkpoint_root, self.trainer, self.config.run.on_bad_checkpoint)
+        if state is None:
+            return False
         self.prior.load_state_dict(state["prior"])
         self.sampler.load_state_dict(state["sampler"])
         self.best = state.get("best")
@@ -264,9 +266,12 @@ class RLLoop:
         self.engine.wake()
         try:
             if self.engine.owns_weights:
+                vllm = self.config.rollout.vllm
+                probe = (trainer_sync_probe(self.trainer, self.config.model, self.task.tokenizer.pad_id)
+                         if vllm.sync_check else None)
                 self.engine.update_weights(export_hf_weights(
                     self.trainer.chunks, Layout.from_model_config(self.config.model),
-                    bucket_mb=self.config.rollout.vllm.sync_bucket_mb))
+                    bucket_mb=vllm.sync_bucket_mb), probe=probe)
             yield
         finally:
             self.engine.sleep()

@@ -110,8 +110,21 @@ def _make_engine(config: Config, trainer: PolicyTrainer, task: Task):
     return _native_engine(trainer.chunks[0].module, task, config)
 
 
+def _earlier_wall_seconds(run_dir: Path, resumed: bool) -> float:
+    """``wall_seconds`` of the summary a resumed run's earlier invocations left (0 for a fresh
+    run, or when there is none: an invocation killed before its summary is not counted)."""
+    summary_file = run_dir / "summary.json"
+    if not resumed or not summary_file.is_file():
+        return 0.0
+    try:
+        return float(json.loads(summary_file.read_text())["wall_seconds"])
+    except (ValueError, KeyError, TypeError):  # a damaged summary: this invocation's time only
+        return 0.0
+
+
 def run(config: Config) -> dict[str, Any]:
-    """Train; returns the run summary (also written to ``<run_dir>/summary.json``)."""
+    """Train; returns the run summary (also written to ``<run_dir>/summary.json``). Its
+    ``wall_seconds`` is the run's total: a resume adds its own time to the previous summary's."""
     started = time.time()
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
@@ -127,7 +140,6 @@ def _run(config: Config, started: float) -> dict[str, Any]:
     run_dir = config.run.run_dir
     if _is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(config))
         task = build_task(config, run_dir)  # rank 0 first: it may train the tokenizer
     dist.barrier()
     if not _is_rank0():
@@ -147,6 +159,8 @@ def _run(config: Config, started: float) -> dict[str, Any]:
         if config.sft.eval_before:
             _evaluate_before_sft(chunks[0], task, config)
         sft_losses = sft_warm_start(chunks[0], _sft_batches(task, config), lr=config.sft.lr,
+                                    warmup_steps=config.sft.warmup_steps, min_lr=config.sft.min_lr,
+                                    target_loss=config.sft.target_loss,
                                     log_every=max(config.sft.steps // 5, 1))
     ref_chunks = None
     if config.algorithm.loss.kl_coef > 0:
@@ -165,6 +179,9 @@ def _run(config: Config, started: float) -> dict[str, Any]:
     resumed = loop.try_resume()
     logger: Any = _SilentLogger()
     if _is_rank0():
+        # written only now: a resume that failed above (another model, a damaged checkpoint)
+        # leaves the run folder as it was
+        (run_dir / "config.yaml").write_text(dump_config(config))
         from ..config.typed import to_dict
 
         logger = MetricsLogger(run_dir, config.run.steps, config.run.wandb, config.run.wandb_project,
@@ -195,7 +212,7 @@ def _run(config: Config, started: float) -> dict[str, Any]:
             "steps": loop.step,
             "heldout_pass@1_start": evals[0]["eval/pass@1"] if evals else None,
             "heldout_pass@1_end": evals[-1]["eval/pass@1"] if evals else None,
-            "wall_seconds": round(time.time() - started, 1),
+            "wall_seconds": round(_earlier_wall_seconds(run_dir, resumed) + time.time() - started, 1),
             "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")),
         }
         if loop.best is not None:  # run.best_metric: the checkpoint of the best evaluation

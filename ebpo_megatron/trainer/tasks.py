@@ -8,7 +8,9 @@ from pathlib import Path
 
 from ..config.schema import Config
 from ..data.arithmetic import make_split, score_response
+from ..data.difficulty import load_pass_rates, with_pass_rates
 from ..data.sp_tokenizer import MODEL_FILE, SentencePieceTokenizer, train_tokenizer
+from ..rewards.checker_pool import OVER_BUDGET
 from ..rewards.safe import SafeReward
 from .task import Task, TaskPrompt
 
@@ -31,8 +33,9 @@ def build_synthetic_task(config: Config, run_dir: Path) -> Task:
         return [TaskPrompt(p.uid, tuple([tokenizer.bos_id] + tokenizer.encode(p.prompt)), p.answer,
                            p.topic, p.difficulty) for p in problems]
 
+    sft_levels = set(syn.sft_levels or syn.levels)
     sft = [([tokenizer.bos_id] + tokenizer.encode(p.prompt), tokenizer.encode(p.answer) + [tokenizer.eos_id])
-           for p in train]
+           for p in train if p.level in sft_levels]
     return Task(train=prompts(train), held_out=prompts(held_out), tokenizer=tokenizer,
                 reward=SafeReward(score_response), stop_token_ids=(tokenizer.eos_id,), sft_pairs=sft,
                 voted_answer=lambda response: response.strip() or None)  # the reward compares the text
@@ -57,12 +60,15 @@ class HFTokenizer:
 
 
 def _math_reward(reward):
-    """(responses, answers) -> (scores, counts) with the math reward's errors and timeouts counted."""
+    """(responses, answers) -> (scores, counts) with the math reward's errors, timeouts and checks
+    cut by the batch budget counted."""
     def score(responses: list[str], answers: list[str]) -> tuple[list[float], dict[str, float]]:
         results = reward.score_batch(responses, answers)
         timeouts = sum(r.error == "timeout" for r in results)
-        errors = sum(r.error is not None and r.error != "timeout" for r in results)
+        over_budget = sum(r.error == OVER_BUDGET for r in results)
+        errors = sum(r.error not in (None, "timeout", OVER_BUDGET) for r in results)
         return [r.score for r in results], {"reward/errors": float(errors), "reward/timeouts": float(timeouts),
+                                           "reward/over_budget": float(over_budget),
                                            "reward/boxed_frac": sum(r.boxed for r in results) / max(len(results), 1)}
     return score
 
@@ -142,8 +148,15 @@ def build_chat_arith_task(config: Config) -> Task:
 
 
 def build_task(config: Config, run_dir: Path) -> Task:
+    """The task of ``data.task``; with ``data.difficulty_file`` its training prompts carry their
+    measured pass rates as difficulty."""
     if config.data.task == "synthetic":
-        return build_synthetic_task(config, run_dir)
-    if config.data.task == "chat_arith":
-        return build_chat_arith_task(config)
-    return build_math_task(config)
+        task = build_synthetic_task(config, run_dir)
+    elif config.data.task == "chat_arith":
+        task = build_chat_arith_task(config)
+    else:
+        task = build_math_task(config)
+    if config.data.difficulty_file:
+        source = Path(config.data.difficulty_file)
+        task.train = with_pass_rates(task.train, load_pass_rates(source), source)
+    return task
