@@ -22,7 +22,7 @@ from ebpo_megatron.algorithms import EBPOPrior, compute_advantages
 
 
 def ebpo_loop(rewards: list[float], group_ids: list[int], eps: float = 1e-6) -> list[float]:
-    """EBPO.md step by step with dicts and Python loops (fresh prior, one step, batch norm)."""
+    """docs/algorithms.md's EBPO step by step with dicts and Python loops (fresh prior, one step, batch norm)."""
     groups: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(group_ids):
         groups[g].append(i)
@@ -45,7 +45,7 @@ def ebpo_loop(rewards: list[float], group_ids: list[int], eps: float = 1e-6) -> 
 
 
 def ebpo_tensor_loop(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """EBPO.md step by step, written the way per-group baselines usually are in RL code."""
+    """docs/algorithms.md's EBPO step by step, written the way per-group baselines usually are in RL code."""
     id2score: dict[int, list[torch.Tensor]] = defaultdict(list)
     for i in range(len(rewards)):
         id2score[int(group_ids[i])].append(rewards[i])

@@ -1,8 +1,8 @@
 """Independent float64 references for ``ebpo_megatron.algorithms`` (plain Python loops + numpy).
 
 Nothing here imports the package: every expected value in the tests is computed from these
-functions, written directly from ../shared/EBPO.md and docs/_algorithms_api_brief.md.
-Symbols as in EBPO.md: r_{m,i}, mu_m, s_m, G_m, W_r, W_mu, mu_glob, sigma2, tau2, S, V_m.
+functions, written directly from the formulas of docs/algorithms.md.
+Symbols as in docs/algorithms.md: r_{m,i}, mu_m, s_m, G_m, W_r, W_mu, mu_glob, sigma2, tau2, S, V_m.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class RefPrior:
 
 
 def ref_ebpo_step(rewards, group_ids, prior: RefPrior, *, eps=EPS, batch_normalize=True, tau2="raw"):
-    """One EBPO step (EBPO.md Algorithm 1); mutates ``prior``. Returns (adv float64, metrics, S per group)."""
+    """One EBPO step (docs/algorithms.md, the paper's Algorithm 1); mutates ``prior``. Returns (adv float64, metrics, S per group)."""
     rewards = [float(r) for r in rewards]
     groups = groups_of(group_ids)
     # 1. group means of the whole step

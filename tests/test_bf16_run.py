@@ -14,7 +14,8 @@ import yaml
 
 from test_train_e2e import ROOT, command, comparable, env, last_rows
 
-BF16 = ["model.precision=bf16", "run.steps=2", "run.save_every=1", "run.eval_every=2", "sft.steps=10"]
+BF16 = ["model.precision=bf16", "run.steps=2", "run.save_every=1", "run.eval_every=2", "sft.steps=10",
+        "sft.warmup_steps=0", "sft.batch_size=64"]
 
 
 def train(out) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ trains on the warm start's measured pass rates; a second call runs nothing and r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,18 +14,12 @@ import pytest
 import torch
 import yaml
 
+from tool_import import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _tool("compare")
+compare = load_tool("compare")
 
 TINY = {
     "run.steps": 2, "run.eval_every": 2, "run.save_every": 2, "run.torch_threads": 1, "sft.steps": 30,

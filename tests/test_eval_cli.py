@@ -270,7 +270,7 @@ def test_eval_with_the_vllm_engine_equals_the_native_engine(synthetic_run):
     vllm = run_ranks(_eval_held_out, 2, checkpoint, "vllm")
     assert vllm[0]["problems"] == vllm[1]["problems"] == native["problems"]
     assert [r["prompts_seen"] for r in vllm] == [6, 6]  # 12 held-out problems, none generated twice
-    assert vllm[0]["events"][-3:] == ["wake:weights", "wake:kv_cache", "sleep2"] and native["prompts_seen"] == 0
+    assert vllm[0]["events"][-4:] == ["wake:weights", "wake:kv_cache", "sync", "sleep2"] and native["prompts_seen"] == 0
 
 
 def test_exit_status_of_the_installed_command(tmp_path):

@@ -39,7 +39,7 @@ def test_auto_resolves_to_a_concrete_precision_at_load(bf16, want, monkeypatch, 
     monkeypatch.setattr(precision, "native_bf16", lambda: (bf16, "test"))
     config = load_config(None, ["model.precision=auto"])
     assert config.model.precision == want
-    assert f"model.precision auto -> {want}" in capsys.readouterr().out
+    assert f"model.precision auto -> {want}" in capsys.readouterr().err
     assert f"precision: {want}" in dump_config(config)  # what the run's config.yaml records
     assert config.algorithm.loss.tis_cap == (precision.BF16_TIS_CAP if bf16 else None)
 

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from tool_import import load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("seed_check", ROOT / "tools/seed_check.py")
-seed_check = importlib.util.module_from_spec(spec)
-sys.modules["seed_check"] = seed_check
-spec.loader.exec_module(seed_check)
+seed_check = load_tool("seed_check")
 
 
 def record(seed: int, start: float, end: float, threads: int = 1) -> dict:
@@ -21,7 +15,7 @@ def test_criteria_hold_only_when_every_gain_and_the_median_end_do():
     good = [record(1, 0.30, 0.45), record(2, 0.40, 0.55), record(3, 0.50, 0.62)]
     text, met = seed_check.table(good, min_gain=0.10, min_median=0.5)
     assert met
-    assert "| 1 | 2 | 0.400 | 0.550 | +0.150 | 102 |" in text
+    assert "| default | 1 | 2 | 0.400 | 0.550 | +0.150 | 102 |" in text
     assert "gain min +0.120, median +0.150, max +0.150; end median 0.550; wall max 103 s" in text
     one_short = good[:2] + [record(3, 0.55, 0.62)]  # +0.07
     assert not seed_check.table(one_short, 0.10, 0.5)[1]

@@ -4,7 +4,6 @@ accepts, sbatch files, the results table from fabricated run directories, resume
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shlex
@@ -18,19 +17,13 @@ import yaml
 from ebpo_megatron.config.schema import load_config
 from ebpo_megatron.config.typed import apply_overrides, load_yaml
 
+from tool_import import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _tool("sweep")
-plot_scaling = _tool("plot_scaling")
+sweep = load_tool("sweep")
+plot_scaling = load_tool("plot_scaling")
 
 # xs: L=1, h=64, f=128, a=4 heads, kv=2, d=16, vocab 32 (the base config's)
 SIZES = {
@@ -186,9 +179,10 @@ def _hand_flops(prompts: int, g: int, tokens: int, response: float) -> float:
 
 
 def test_collect_builds_the_table(tmp_path, capsys):
-    spec = _write(tmp_path, _spec(tmp_path, grid={"size": ["xs"], "G": [2, 4], "estimator": ["ebpo"], "seed": [1]}))
+    spec = _write(tmp_path, _spec(tmp_path, grid={"size": ["xs"], "G": [2, 4], "estimator": ["ebpo"], "seed": [1]},
+                                  responses_per_step=64))
     runs = tmp_path / "runs" / "demo"
-    # base config: data.prompts_per_step 32 -> 64 sequences per step at G=2
+    # responses_per_step 64 -> data.prompts_per_step 32, 64 sequences per step at G=2
     _fabricate(runs / "xs_G2_ebpo_s1", rewards=[0.1, 0.3, 0.8], tokens=[640, 704, 768], responses=[3.0, 4.0, 5.0],
                pass1=(0.2, 0.35), wall=12.5)
     assert sweep.main(["--spec", str(spec), "--collect"]) == 0

@@ -1,6 +1,6 @@
 """Pure-torch math of EBPO and its baselines: no global state, no Megatron.
 
-Symbols follow ../shared/EBPO.md (docs/algorithms.md gives each formula and its test).
+Symbols and every formula: docs/algorithms.md (with the test of each).
 """
 
 from .estimators import (

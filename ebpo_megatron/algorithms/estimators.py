@@ -108,7 +108,7 @@ def ebpo(
     batch_normalize: bool = True,
     tau2: Literal["raw", "bias_corrected"] = "raw",
 ) -> tuple[GroupAffine, dict[str, float]]:
-    """EBPO (EBPO.md, Algorithm 1), in this order:
+    """EBPO (docs/algorithms.md; the paper's Algorithm 1), in this order:
 
     1. update the prior first: W_r ← all rewards of the step, W_μ ← every group mean μ_m;
     2. μ_glob = mean(W_r), σ² = var(W_r), τ² = var(W_μ) ("raw", the paper's form) or

@@ -1,7 +1,7 @@
 """PPO-clip policy loss with GRPO / Dr. GRPO / DAPO aggregations, KL estimators, entropy.
 
 Per token t of response (m, i), with ρ_t = exp(log π_θ − log π_old) and advantage A:
-    ℓ_t = max(−A·ρ_t, −A·clip(ρ_t, 1 − ε_low, 1 + ε_high))          (PPO-clip, EBPO.md)
+    ℓ_t = max(−A·ρ_t, −A·clip(ρ_t, 1 − ε_low, 1 + ε_high))          (PPO-clip, docs/algorithms.md)
 Options: dual clip (ℓ_t ← min(ℓ_t, −c·A) for A < 0), truncated importance sampling against
 the rollout engine's log-probs (ℓ_t ← w_t·ℓ_t, w_t = min(exp(log π_old − log π_rollout), cap)),
 and EntropyMech's Clip-Cov / KL-Cov (Cui et al. 2025).

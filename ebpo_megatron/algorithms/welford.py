@@ -1,6 +1,6 @@
 """Welford / Chan running moments in float64, and the EBPO prior built from two of them.
 
-Symbols of EBPO.md: ``W_r`` accumulates every individual reward r_{m,i} seen in training,
+Symbols of docs/algorithms.md: ``W_r`` accumulates every individual reward r_{m,i} seen in training,
 ``W_μ`` every group mean μ_m. μ_glob = mean(W_r), σ² = var(W_r), τ² = var(W_μ).
 """
 
@@ -55,7 +55,7 @@ class WelfordState:
 
     @property
     def var(self) -> float:
-        """Unbiased variance M2 / (n − 1); 0 when fewer than 2 values were seen (EBPO.md, ours)."""
+        """Unbiased variance M2 / (n − 1); 0 when fewer than 2 values were seen (docs/algorithms.md, ours)."""
         return self.m2 / (self.count - 1.0) if self.count >= 2 else 0.0
 
     def copy(self) -> "WelfordState":

@@ -20,6 +20,7 @@ Each resolution of an ``auto`` prints one line (rank 0), and the resolved values
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,8 +54,9 @@ def native_bf16() -> tuple[bool, str]:
 
 
 def _say(line: str) -> None:
+    """One line on rank 0's stderr (stdout may carry a tool's output, e.g. ``ebpo-plan --json``)."""
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-        print(f"[precision] {line}", flush=True)
+        print(f"[precision] {line}", file=sys.stderr, flush=True)
 
 
 def resolve_precision(config: Config) -> Config:

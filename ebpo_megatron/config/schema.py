@@ -222,7 +222,8 @@ class SFTConfig:
 
     steps: int = 0
     lr: float = 3e-3
-    # linear warm-up over warmup_steps, then constant lr (min_lr unset) or cosine decay to min_lr
+    # linear warm-up over min(warmup_steps, steps), then constant lr (min_lr unset) or cosine
+    # decay to min_lr
     warmup_steps: int = 0
     min_lr: float | None = None
     # stop once the mean training loss of the last 20 steps is at most this (nats per answer
@@ -237,9 +238,8 @@ class SFTConfig:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"sft: expected steps >= 0, batch_size >= 1, lr > 0; got steps {self.steps}, "
                               f"batch_size {self.batch_size}, lr {self.lr}")
-        if self.warmup_steps < 0 or (self.steps > 0 and self.warmup_steps > self.steps):
-            raise ConfigError(f"sft.warmup_steps: expected 0 <= warmup_steps <= steps ({self.steps}), "
-                              f"got {self.warmup_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"sft.warmup_steps: expected >= 0, got {self.warmup_steps}")
         if self.target_loss is not None and self.target_loss <= 0:
             raise ConfigError(f"sft.target_loss: expected > 0 (nats per answer token), got {self.target_loss}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:

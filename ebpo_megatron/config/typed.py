@@ -136,8 +136,8 @@ def suggest_keys(key: str, prefix: str, section_keys: typing.Iterable[str], root
     here = [f"{prefix}.{k}" if prefix else k for k in section_keys]
     scored = [(difflib.SequenceMatcher(None, key, d.rsplit(".", 1)[-1]).ratio(), d)
               for d in dict.fromkeys(here + everywhere)]
-    close = [(score, d) for score, d in scored if score >= (0.5 if d in here else 0.75)]
-    return [max(close)[1]] if close else []
+    close = [(score, d in here, d) for score, d in scored if score >= (0.5 if d in here else 0.75)]
+    return [max(close)[2]] if close else []  # a tie goes to this section
 
 
 def from_dict(cls: type[T], data: Any, prefix: str = "", root: type | None = None) -> T:

@@ -1,4 +1,4 @@
-"""Curriculum sampling of prompts (EBPO.md, "Curriculum"):
+"""Curriculum sampling of prompts (docs/algorithms.md, "Curriculum"):
 
 * ``random``     (ebpo-naive): a fresh shuffle every epoch;
 * ``topic``      (ebpo-topic): cluster by cluster — topic order shuffled per epoch, prompts

@@ -346,6 +346,7 @@ def policy_engine(config: Config, checkpoint: Path, pad_token_id: int) -> Iterat
             yield engine
         finally:
             engine.sleep()
+            engine.close()  # before shutdown(): vLLM's teardown needs the process groups
     finally:
         shutdown()
 

@@ -2,7 +2,7 @@
 
 Everything here is active only when CUDA is absent (``torch.cuda.is_available()`` is False);
 on a GPU machine :func:`enable` does nothing and :func:`set_seed` takes Megatron's CUDA path.
-Measured needs: ``/work/shared/probes/megatron_cpu`` and ``.../megatron_inference_cpu``.
+Each change below names the Megatron-Core line that fails on CPU; tests/test_cpu_compat.py covers them.
 
 What :func:`enable` changes, all inside Megatron-Core, never in ``torch`` itself:
 

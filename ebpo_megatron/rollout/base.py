@@ -90,3 +90,7 @@ class RolloutEngine(abc.ABC):
 
     def wake(self) -> None:
         """Restore what ``sleep`` released, before the next ``generate``."""
+
+    def close(self) -> None:
+        """Free what the engine holds, while the process groups still exist (no-op where it
+        holds nothing of its own); the engine is unusable afterwards."""

@@ -1,7 +1,7 @@
 """Fixes to Megatron-Core 0.16.x, none of them CPU-specific.
 
 Loading the distributed optimizer when it falls back to torch's AdamW (no Transformer Engine /
-apex), measured in ../shared/probes/megatron_cpu and covered by tests/test_checkpoint.py:
+apex), covered by tests/test_checkpoint.py:
 
 1. ``DistributedOptimizer._set_main_param_and_optimizer_states`` (distrib_optimizer.py:936-940)
    copies every key of the destination state, including torch AdamW's ``step``, which the

@@ -198,6 +198,7 @@ def _run(config: Config, started: float) -> dict[str, Any]:
         loop.run()
     finally:
         logger.close()
+        engine.close()  # vLLM's teardown needs the process groups, which run() shuts down next
     summary: dict[str, Any] = {}
     if _is_rank0():
         rows = read_metrics(run_dir / "metrics.jsonl")

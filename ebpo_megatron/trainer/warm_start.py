@@ -101,7 +101,8 @@ def sft_warm_start(
                 dist.all_reduce(p.grad, group=dp_group)
         _clip_grad_norm(main.main, 1.0, tp_group)
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, len(batches), lr, warmup_steps, lr if min_lr is None else min_lr)
+            group["lr"] = warmup_cosine_lr(step, len(batches), lr, min(warmup_steps, len(batches)),
+                                           lr if min_lr is None else min_lr)
         optimizer.step()
         main.main_to_params()
         reported = loss.detach().double()
