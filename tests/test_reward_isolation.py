@@ -15,6 +15,7 @@ import pytest
 from ebpo_megatron.rewards.checker_pool import OVER_BUDGET, CheckerPool
 from ebpo_megatron.rewards.math import MathReward, MathRewardConfig
 from ebpo_megatron.rewards.safe import SafeReward
+from test_math_reward import _alive
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,14 +33,6 @@ def stalling_checker(gold: str, pred: str) -> bool:
     if pred.startswith("stall"):
         time.sleep(600)
     return gold == pred
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
-    except FileNotFoundError:
-        return False
 
 
 def test_hung_reward_is_abandoned_and_its_worker_recovered():
