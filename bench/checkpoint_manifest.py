@@ -23,7 +23,8 @@ def trained_once(cfg, hf_dir):
     """The bench model's PolicyTrainer after one step (so that the Adam state exists)."""
     from ebpo_megatron.models import build_policy
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     cpu_compat.set_seed(0)
     chunks = build_policy(cfg, ParallelConfig())

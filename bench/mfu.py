@@ -43,7 +43,8 @@ def main() -> None:
     from ebpo_megatron.models import build_policy
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize, launch_info, shutdown
     from ebpo_megatron.trainer.batching import PolicyBatch
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                       num_attention_heads=args.heads, num_kv_heads=args.kv_heads, vocab_size=args.vocab,

@@ -64,10 +64,9 @@ def recipe_loop(name: str, config_file: Path, shared: list[str], task, load_weig
     from ebpo_megatron.config.schema import load_config
     from ebpo_megatron.data.sampler import CurriculumSampler
     from ebpo_megatron.models import build_policy
-    from ebpo_megatron.rollout.native_engine import NativeEngine
+    from ebpo_megatron.rollout.factory import build_engine
     from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
     from ebpo_megatron.trainer.rl_loop import RLLoop
-    from ebpo_megatron.trainer.run import build_vllm_engine
 
     config = load_config(config_file, shared + RECIPES[name] + [f"run.name={name.replace(' ', '')}"])
     chunks = build_policy(config.model, config.parallel)
@@ -77,10 +76,11 @@ def recipe_loop(name: str, config_file: Path, shared: list[str], task, load_weig
         ref = build_policy(config.model, config.parallel)
         load_weights(ref)
     trainer = PolicyTrainer(chunks, config.train.optim, config.algorithm.loss, config.train.step, ref)
-    engine = build_vllm_engine(config) if config.rollout.engine == "vllm" else NativeEngine(
-        chunks[0], task.tokenizer.pad_id, config.model.max_position_embeddings, config.rollout.max_batch_size)
+    engine = build_engine(config, chunks[0], task.tokenizer.pad_id)
     sampler = CurriculumSampler(task.train, config.data.order, config.data.prompts_per_step, config.run.seed)
-    return RLLoop(config, task, trainer, engine, sampler, logger=None)
+    loop = RLLoop(config, task, trainer, engine, sampler, logger=None)
+    loop.sync_weights()  # as RLLoop.run does before the first step; every step ends with one
+    return loop
 
 
 def main() -> None:
@@ -102,7 +102,7 @@ def main() -> None:
     from ebpo_megatron.models import build_policy
     from ebpo_megatron.models.weights import assign_full_weights, full_weights
     from ebpo_megatron.parallel import cpu_compat, initialize, launch_info, shutdown
-    from ebpo_megatron.trainer.tasks import build_task
+    from ebpo_megatron.data.tasks import build_task
 
     try:
         import vllm  # noqa: F401

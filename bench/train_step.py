@@ -34,7 +34,8 @@ def megatron_step(cfg, hf_dir, batch, micro: int) -> Callable[[], None]:
     """One RL train step of this project (parallel state must be initialized)."""
     from ebpo_megatron.models import build_policy
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     cpu_compat.set_seed(0)
     chunks = build_policy(cfg, ParallelConfig())

@@ -29,6 +29,7 @@ class HFBackedVLLM:
         self.max_model_len = max_model_len
 
     def generate(self, prompts: list[list[int]], requests: list[dict[str, Any]]) -> list[Any]:
+        EVENTS.append("generate")
         outputs = []
         for prompt, request in zip(prompts, requests):
             PROMPTS_SEEN[0] += 1

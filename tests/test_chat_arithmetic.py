@@ -126,7 +126,7 @@ def chat_tokenizer_dir(tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_task_from_config(chat_tokenizer_dir, tmp_path):
-    from ebpo_megatron.trainer.tasks import build_task
+    from ebpo_megatron.data.tasks import build_task
 
     overrides = [
         "data.task=chat_arith", f"data.tokenizer_dir={chat_tokenizer_dir}", "model.vocab_size=512",

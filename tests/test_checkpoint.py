@@ -33,7 +33,8 @@ def _run(rank, world, tp, root, save_after, total_steps, resume):
     from ebpo_megatron.models.weights import full_weights
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
     from ebpo_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     parallel = ParallelConfig(tensor_parallel=tp)
     initialize(parallel, CFG)

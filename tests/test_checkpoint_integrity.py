@@ -38,7 +38,8 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 def _trainer(tp: int):
     from ebpo_megatron.models import build_policy
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     parallel = ParallelConfig(tensor_parallel=tp)
     initialize(parallel, CFG)

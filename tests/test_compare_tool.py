@@ -70,7 +70,7 @@ def test_arms_of_one_seed_get_the_same_start_and_stream(tmp_path):
 
 def _held_out_and_pool(run_dir: Path) -> tuple[list[int], list[int], dict[int, float]]:
     from ebpo_megatron.config.schema import load_config
-    from ebpo_megatron.trainer.tasks import build_task
+    from ebpo_megatron.data.tasks import build_task
 
     task = build_task(load_config(run_dir / "config.yaml"), run_dir)
     return [p.uid for p in task.held_out], [p.uid for p in task.train], {p.uid: p.difficulty for p in task.train}

@@ -118,12 +118,8 @@ def _train_and_save(rank, world, run_dir):
     from ebpo_megatron.models.weights import full_weights
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
     from ebpo_megatron.trainer.checkpoint import load_model, save_checkpoint
-    from ebpo_megatron.trainer.policy_trainer import (
-        LossConfig,
-        OptimConfig,
-        PolicyTrainer,
-        StepConfig,
-    )
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     config = load_config(Path(run_dir) / "config.yaml")
     parallel = ParallelConfig(tensor_parallel=2)

@@ -1,8 +1,8 @@
-"""The CPU compatibility layer (``parallel.cpu_compat``): scope of the redirects, SDPA core
-attention against an explicit softmax reference (training, KV-cache decode, chunked prefill,
-padding masks), CPU seeding, and Megatron's DDP + distributed optimizer + grad clipping +
-schedules + dist-checkpointing (DP=2) and pipeline schedule (PP=2) on gloo, each against a
-plain-torch reference."""
+"""Megatron on the CPU (patch A of ``parallel.megatron_patches``, ``parallel.cpu_compat``): scope
+of the redirects, SDPA core attention against an explicit softmax reference (training, KV-cache
+decode, chunked prefill, padding masks), CPU seeding, and Megatron's DDP + distributed optimizer +
+grad clipping + schedules + dist-checkpointing (DP=2) and pipeline schedule (PP=2) on gloo, each
+against a plain-torch reference."""
 
 from __future__ import annotations
 
@@ -26,17 +26,16 @@ def _scope(rank: int, world: int) -> dict:
 
     from megatron.core.pipeline_parallel import schedules
 
-    from ebpo_megatron.parallel import cpu_compat
+    from ebpo_megatron.parallel import megatron_patches
 
     zeros, ones_type = torch.zeros, torch.ones(1).type()
-    active = cpu_compat.enable()
-    again = cpu_compat.enable()
-    modules = [importlib.import_module(name) for name in cpu_compat.CUDA_CALL_SITES]
+    megatron_patches.apply_megatron_patches()
+    modules = [importlib.import_module(name) for name in megatron_patches.CUDA_CALL_SITES]
     cpu = torch.ones(1)
-    with cpu_compat._cpu_passes_for_cuda():
+    with megatron_patches._cpu_passes_for_cuda():
         inside = (cpu.type(), torch.ones(1, dtype=torch.bfloat16).type(), cpu.type(torch.float64).dtype,
                   cpu.cuda() is cpu)
-        with cpu_compat._cpu_passes_for_cuda():  # nested
+        with megatron_patches._cpu_passes_for_cuda():  # nested
             nested = cpu.type()
     outside = {}
     for name, call in (("current_device", torch.cuda.current_device), ("tensor_cuda", cpu.cuda)):
@@ -46,8 +45,7 @@ def _scope(rank: int, world: int) -> dict:
         except (AssertionError, RuntimeError):
             outside[name] = "raises"
     return {
-        "active": (active, again),
-        "all_patched": all(m.torch is cpu_compat._CPU_TORCH for m in modules),
+        "all_patched": all(m.torch is megatron_patches._CPU_TORCH for m in modules),
         "proxy_device": str(schedules.torch.cuda.current_device()),
         "proxy_zeros": str(schedules.torch.zeros(2, device="cuda").device),
         "proxy_tensor": str(schedules.torch.tensor([1.0], device=torch.device("cuda")).device),
@@ -59,9 +57,9 @@ def _scope(rank: int, world: int) -> dict:
     }
 
 
-def test_enable_is_idempotent_and_patches_only_megatron_call_sites() -> None:
+def test_cpu_patches_reach_only_megatron_call_sites() -> None:
     out = run_ranks(_scope, 1)[0]
-    assert out["active"] == (True, True) and out["all_patched"]
+    assert out["all_patched"]
     assert out["proxy_device"] == out["proxy_zeros"] == out["proxy_tensor"] == "cpu"
     assert out["proxy_passthrough"] and out["global_zeros_untouched"]
     assert out["outside"] == {"current_device": "raises", "tensor_cuda": "raises"}  # torch itself is untouched
@@ -76,17 +74,18 @@ def _with_cuda_reported(rank: int, world: int) -> dict:
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from ebpo_megatron.parallel import cpu_compat
+    from ebpo_megatron.parallel import cpu_compat, megatron_patches
 
     spec = cpu_compat.adapt_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    return {"active": cpu_compat.enable(), "schedules_torch_is_torch": schedules.torch is torch,
+    megatron_patches.apply_megatron_patches()
+    return {"schedules_torch_is_torch": schedules.torch is torch,
             "use_cpu_init": cpu_compat.use_cpu_initialization(),
             "core_attention_kept": spec.submodules.self_attention.submodules.core_attention is DotProductAttention}
 
 
 def test_nothing_changes_when_cuda_is_available() -> None:
     out = run_ranks(_with_cuda_reported, 1)[0]
-    assert out == {"active": False, "schedules_torch_is_torch": True, "use_cpu_init": False,
+    assert out == {"schedules_torch_is_torch": True, "use_cpu_init": False,
                    "core_attention_kept": True}
 
 

@@ -12,15 +12,10 @@ import torch
 
 from ebpo_megatron.data.difficulty import load_pass_rates, with_pass_rates, write_pass_rates
 from ebpo_megatron.data.sampler import CurriculumSampler
-from ebpo_megatron.evaluation.runner import (
-    EvalSettings,
-    EvalTask,
-    evaluate_benchmarks,
-    load_benchmarks,
-    pass_rates,
-)
+from ebpo_megatron.data.task import TaskPrompt
+from ebpo_megatron.evaluation.results import EvalSettings, pass_rates
+from ebpo_megatron.evaluation.runner import EvalTask, evaluate_benchmarks, load_benchmarks
 from ebpo_megatron.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
-from ebpo_megatron.trainer.task import TaskPrompt
 from mp_utils import run_ranks
 
 # prompt uid -> the probability that the policy answers it correctly

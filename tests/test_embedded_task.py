@@ -120,7 +120,7 @@ def test_safe_reward_counts_failures_and_never_raises():
 def test_sft_levels_limit_the_warm_start_pairs_to_those_levels(tmp_path):
     from ebpo_megatron.config.schema import load_config
     from ebpo_megatron.config.typed import ConfigError
-    from ebpo_megatron.trainer.tasks import build_synthetic_task
+    from ebpo_megatron.data.tasks import build_synthetic_task
 
     overrides = [f"run.output_dir={tmp_path}", "data.synthetic.sft_levels=[0]", "data.synthetic.num_train=300"]
     config = load_config(ROOT / "examples/tiny_cpu.yaml", overrides)

@@ -20,7 +20,7 @@ import pytest
 from mp_utils import free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL = [sys.executable, "-m", "ebpo_megatron.evaluation.cli"]
+EVAL = [sys.executable, "-m", "ebpo_megatron.evaluate"]
 SYNTHETIC = [
     "run.torch_threads=1", "run.wandb=disabled", "data.synthetic.levels=[0]", "data.synthetic.num_train=200",
     "data.synthetic.num_eval=12", "model.hidden_size=64", "model.ffn_hidden_size=128", "sft.steps=80",
@@ -62,7 +62,7 @@ def _train_and_save(rank: int, world: int, config_file: str, sft_steps: int) -> 
     from ebpo_megatron.trainer.checkpoint import save_model
     from ebpo_megatron.trainer.rollout_batch import build_policy_batch
     from ebpo_megatron.trainer.run import _sft_batches
-    from ebpo_megatron.trainer.tasks import build_task
+    from ebpo_megatron.data.tasks import build_task
     from ebpo_megatron.trainer.warm_start import sft_warm_start
 
     config = load_config(config_file)
@@ -179,9 +179,16 @@ def check_metrics(report: dict, k: int, maj: int) -> list[float]:
             f"pass@{maj}": sum(pass_at_k(n, c, maj) for n, c in n_c) / len(n_c),
             f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in n_c) / len(n_c),
         }
+        topics = sorted({s["topic"] for s in samples})
+        if 2 <= len(topics) <= 20:  # per topic: correct samples / samples
+            for topic in topics:
+                flags = [f for s in samples if s["topic"] == topic for f in s["correct"]]
+                expected[f"pass@1/{topic}"] = sum(flags) / len(flags)
         assert bench["metrics"] == pytest.approx(expected, abs=1e-12), name
         pass1.append(expected["pass@1"])
-    for key in next(iter(report["benchmarks"].values()))["metrics"]:
+    common = set.intersection(*(set(b["metrics"]) for b in report["benchmarks"].values()))
+    assert set(report["average"]) == common  # the average covers the metrics every benchmark has
+    for key in common:
         values = [b["metrics"][key] for b in report["benchmarks"].values()]
         assert report["average"][key] == pytest.approx(sum(values) / len(values))
     return pass1
@@ -222,7 +229,7 @@ def test_greedy_eval_under_torchrun_dp2_equals_one_process(synthetic_run, tmp_pa
     one = run([*EVAL, *args, "--out", str(tmp_path / "one.json")])
     assert one.returncode == 0, one.stderr[-3000:]
     two = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-               "-m", "ebpo_megatron.evaluation.cli", *args, "--out", str(tmp_path / "two.json")], timeout=180)
+               "-m", "ebpo_megatron.evaluate", *args, "--out", str(tmp_path / "two.json")], timeout=180)
     assert two.returncode == 0, two.stderr[-3000:]
     one_report, two_report = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert two_report["config"]["parallel"] == one_report["config"]["parallel"]
@@ -240,7 +247,7 @@ def test_greedy_eval_under_torchrun_dp2_equals_one_process(synthetic_run, tmp_pa
     ("--checkpoint {ckpt} model.no_such_key=1 --data {data}", "--config:"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(math_run, tmp_path, capsys, args, message):
-    from ebpo_megatron.evaluation.cli import main
+    from ebpo_megatron.evaluate import main
 
     ckpt = math_run["run"] / "checkpoints/step_000001"
     assert main(args.format(tmp=tmp_path, ckpt=ckpt, data=math_run["jsonl"]).split()) == 2
@@ -249,7 +256,8 @@ def test_bad_input_exits_2_with_a_clear_message(math_run, tmp_path, capsys, args
 
 def _eval_held_out(rank: int, world: int, checkpoint: str, engine: str) -> dict:
     import hf_vllm_backend
-    from ebpo_megatron.evaluation.runner import EvalSettings, resolve_config, run_evaluation
+    from ebpo_megatron.evaluate import resolve_config, run_evaluation
+    from ebpo_megatron.evaluation.results import EvalSettings
     from ebpo_megatron.rollout import vllm_engine
 
     vllm_engine._VLLMBackend = hf_vllm_backend.HFBackedVLLM  # the only vLLM-specific class
@@ -270,7 +278,8 @@ def test_eval_with_the_vllm_engine_equals_the_native_engine(synthetic_run):
     vllm = run_ranks(_eval_held_out, 2, checkpoint, "vllm")
     assert vllm[0]["problems"] == vllm[1]["problems"] == native["problems"]
     assert [r["prompts_seen"] for r in vllm] == [6, 6]  # 12 held-out problems, none generated twice
-    assert vllm[0]["events"][-4:] == ["wake:weights", "wake:kv_cache", "sync", "sleep2"] and native["prompts_seen"] == 0
+    assert vllm[0]["events"][-5:] == ["wake:weights", "wake:kv_cache", "sync", "generate", "sleep2"]
+    assert native["prompts_seen"] == 0
 
 
 def test_exit_status_of_the_installed_command(tmp_path):

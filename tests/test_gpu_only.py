@@ -77,7 +77,8 @@ def _bf16_steps(rank: int, world: int) -> dict[str, float]:
     from ebpo_megatron.models import build_policy
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
     from ebpo_megatron.trainer.batching import PolicyBatch
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     cfg = ModelConfig(**CFG, precision="bf16")
     initialize(ParallelConfig(), cfg)
@@ -129,7 +130,8 @@ def _host_batch_step(rank: int, world: int) -> dict:
     from test_policy_trainer import CFG, fixed_batch
 
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     initialize(ParallelConfig(), CFG)
     cpu_compat.set_seed(0)

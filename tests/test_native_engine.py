@@ -20,7 +20,8 @@ def _engine_checks(rank, world, tp):
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
     from ebpo_megatron.rollout.base import SamplingParams
     from ebpo_megatron.rollout.native_engine import NativeEngine
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
     from ebpo_megatron.trainer.rollout_batch import build_policy_batch
 
     parallel = ParallelConfig(tensor_parallel=tp)

@@ -18,13 +18,12 @@ def _check_layers(rank: int, world: int) -> list[str]:
     from ebpo_megatron.models import ModelConfig
     from ebpo_megatron.models.builder import transformer_config
     from ebpo_megatron.models.no_grad_linear import NoGradColumnParallelLinear, NoGradRowParallelLinear
-    from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize, launch_info
+    from ebpo_megatron.parallel import ParallelConfig, initialize, launch_info
 
     model = ModelConfig(num_layers=1, hidden_size=IN, ffn_hidden_size=OUT, num_attention_heads=2,
                         num_kv_heads=2, vocab_size=16, max_position_embeddings=8)
     parallel = ParallelConfig(tensor_parallel=world)
-    initialize(parallel, model, launch_info())
-    cpu_compat.enable()  # as build_policy does: Megatron's TP gather allocates on the current device
+    initialize(parallel, model, launch_info())  # patches Megatron's TP gather to allocate on the CPU
     config = transformer_config(model, parallel)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(*TOKENS, IN, generator=g)

@@ -45,7 +45,8 @@ def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="g
     from ebpo_megatron.models import build_policy
     from ebpo_megatron.models.weights import assign_full_weights, full_weights
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     cfg = dataclasses.replace(CFG, recompute=recompute, precision=precision)
@@ -174,10 +175,10 @@ class _Group:
 
 
 def test_single_rank_bucket_collectives_are_skipped_only_when_they_are_identities():
-    """megatron_fixes fix 3: a one-rank group's reduce-scatter / all-gather of a bucket onto
+    """megatron_patches patch D: a one-rank group's reduce-scatter / all-gather of a bucket onto
     itself returns without calling the backend; every other call goes through. (DP2 above runs
     the real collectives and equals the single process, which skips them.)"""
-    from ebpo_megatron.trainer.megatron_fixes import _identity_on_one_rank
+    from ebpo_megatron.parallel.megatron_patches import _identity_on_one_rank
 
     calls = []
     collective = _identity_on_one_rank(lambda out, inp, **kw: calls.append((out, inp, kw)) or "work")
@@ -203,7 +204,8 @@ def _entropy_bonus_step(rank, world, tp, shapes):
     from ebpo_megatron.models import build_policy
     from ebpo_megatron.models.weights import assign_full_weights
     from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
 
     parallel = ParallelConfig(tensor_parallel=tp)
     initialize(parallel, CFG)

@@ -121,7 +121,7 @@ def test_math_reward_batch_budget():
 
 
 def test_math_task_reward_counts_over_budget():
-    from ebpo_megatron.trainer.tasks import _math_reward
+    from ebpo_megatron.data.tasks import _math_reward
 
     reward = MathReward(MathRewardConfig(num_workers=1, timeout_s=60.0, batch_budget_s=1.0, memory_limit_mb=None),
                         checker=stalling_checker)

@@ -1,8 +1,9 @@
-"""``models.rope``: RoPE as one rotation per half equals a float64 complex-number reference
+"""``parallel.rope``: RoPE as one rotation per half equals a float64 complex-number reference
 ((x₁ + i x₂)·mscale·e^{iθ}, rotated width r ≤ d, the rest passed through) and Megatron's
 ``apply_rotary_pos_emb`` (result and gradient, also on a strided view as Megatron's QKV split
 gives); gradcheck in float64; every case outside the fast path (interleaved, packed sequences)
-is Megatron's own result; :func:`install` routes Megatron's attention through it."""
+is Megatron's own result. That Megatron's attention is routed through it is
+test_megatron_patches.py's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ebpo_megatron.models import rope
+from ebpo_megatron.parallel import rope
 
 S, B, HEADS, D = 7, 3, 4, 16
 
@@ -106,10 +107,3 @@ def test_other_layouts_are_megatrons_own() -> None:
         rope.apply_rotary_pos_emb(packed, _freqs(D), _config(), cu_seqlens=cu_seqlens, cp_group=_OneRank()),
         rope_utils.apply_rotary_pos_emb(packed, _freqs(D), config=_config(), cu_seqlens=cu_seqlens,
                                         cp_group=_OneRank()))
-
-
-def test_install_routes_megatrons_attention() -> None:
-    from megatron.core.transformer import attention
-
-    rope.install()
-    assert attention.apply_rotary_pos_emb is rope.apply_rotary_pos_emb

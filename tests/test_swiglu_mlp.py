@@ -43,7 +43,7 @@ def _compare_with_megatron_mlp(rank: int, world: int) -> dict[str, float]:
     from ebpo_megatron.models import ModelConfig, build_policy
     from ebpo_megatron.models.builder import layer_spec, transformer_config
     from ebpo_megatron.models.swiglu_mlp import SwiGLUMLP, use_swiglu_mlp
-    from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize, launch_info
+    from ebpo_megatron.parallel import ParallelConfig, initialize, launch_info
 
     model = ModelConfig(num_layers=2, hidden_size=16, ffn_hidden_size=24, num_attention_heads=2,
                         num_kv_heads=2, vocab_size=32, max_position_embeddings=8)

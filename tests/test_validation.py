@@ -1,4 +1,4 @@
-"""Periodic validation in the trainer: maj@m / pass@m / pass@k of ``rl_loop.evaluate`` on scripted
+"""Periodic validation in the trainer: maj@m / pass@m / pass@k of ``evaluate_held_out`` (the trainer's evaluation) on scripted
 responses against values worked out by hand, and ``run.best_metric`` keeping the best checkpoint
 of a real tiny run."""
 
@@ -24,9 +24,9 @@ def _evaluate(rank, world):
     from ebpo_megatron.config.schema import Config
     from ebpo_megatron.models import ModelConfig
     from ebpo_megatron.parallel import ParallelConfig, initialize
+    from ebpo_megatron.data.task import Task, TaskPrompt
+    from ebpo_megatron.evaluation.runner import evaluate_held_out
     from ebpo_megatron.rollout.base import RolloutBatch, RolloutEngine
-    from ebpo_megatron.trainer.rl_loop import evaluate
-    from ebpo_megatron.trainer.task import Task, TaskPrompt
 
     class Scripted(RolloutEngine):
         def generate(self, prompt_token_ids, params):
@@ -54,7 +54,7 @@ def _evaluate(rank, world):
     task = Task(train=held_out, held_out=held_out, tokenizer=Tokenizer(), reward=reward, stop_token_ids=(0,))
     config = Config()
     config.rollout.eval_samples, config.rollout.eval_maj = 4, 2
-    return evaluate(Scripted(), task, config)
+    return evaluate_held_out(Scripted(), task, config)
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -91,3 +91,32 @@ def test_best_metric_keeps_the_best_checkpoint(tmp_path):
     assert kept == sorted({f"step_{best_step:06d}", "step_000004"})  # keep_last=1 plus the best
     summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
     assert summary["best"]["step"] == best_step
+
+
+def _ebpo_eval(rank, world, checkpoint):
+    from pathlib import Path
+
+    from ebpo_megatron.evaluate import resolve_config, run_evaluation
+    from ebpo_megatron.evaluation.results import EvalSettings
+
+    config, run_dir = resolve_config(Path(checkpoint), None)
+    r = config.rollout
+    settings = EvalSettings(k=r.eval_samples, maj=r.eval_maj, temperature=r.eval_temperature,
+                            max_new_tokens=r.max_new_tokens, seed=config.run.seed)
+    return run_evaluation(config, Path(checkpoint), run_dir, [], settings).results[0].metrics
+
+
+def test_the_training_evaluation_equals_ebpo_eval_of_its_checkpoint(tmp_path):
+    """One evaluation path: the held-out evaluation the trainer logs at step 2 (4 samples at
+    temperature 1, so the seeds matter) and ebpo-eval's of the step-2 checkpoint with the same
+    settings draw the same samples: every metric is identical."""
+    extra = ["run.steps=2", "run.eval_every=2", "run.save_every=2", "rollout.eval_samples=4",
+             "rollout.eval_maj=2", "rollout.eval_temperature=1.0"]
+    done = subprocess.run(command(tmp_path, *extra), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = {k.removeprefix("eval/"): v for k, v in last_rows(tmp_path / "e2e" / "metrics.jsonl")[2].items()
+              if k.startswith("eval/")}
+    [evaluated] = run_ranks(_ebpo_eval, 1, str(tmp_path / "e2e" / "checkpoints" / "step_000002"))
+    assert {"pass@1", "maj@2", "pass@2", "pass@4"} <= set(logged)
+    assert evaluated == logged

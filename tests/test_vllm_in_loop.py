@@ -1,8 +1,9 @@
 """The trainer with ``rollout.engine: vllm`` end to end on CPU, vLLM replaced by the
 transformers-backed stand-in of tests/hf_vllm_backend.py (same interface): TP=2 x DP=1, so two
-engines serve one data-parallel rank and each must generate half of the prompts; every rollout
-follows a wake and a full weight sync checked with the probe, and the stand-in's log-probs
-equal the trainer's."""
+engines serve one data-parallel rank and each must generate half of the prompts; the weights are
+synced (wake and a full sync checked with the probe) once before the first generation and once
+after every training step, so the evaluation at the last step reuses that step's sync, and the
+stand-in's log-probs equal the trainer's."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def test_vllm_engine_in_the_rl_loop_tp2_dp1(tmp_path):
     assert [r["prompts_seen"] for r in results] == [(3 * 8 + 2 * 24) // 2] * 2
     events = results[0]["events"]
     assert events[0] == "sleep2" and events[1:4] == ["wake:weights", "wake:kv_cache", "sync"]
-    assert events.count("wake:weights") == events.count("sync") == 3 + 2
-    assert events.count("sleep2") == 1 + 3 + 2  # and the initial sleep
+    sync = ["wake:weights", "wake:kv_cache", "sync"]
+    step = ["generate", "sleep2", *sync]  # generate, sleep for the rewards and training, sync the new weights
+    # the engine starts asleep; sync, evaluate (step 0), 3 steps, evaluate with step 3's sync
+    assert events == ["sleep2", *sync, "generate", *step * 3, "generate"]
     assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["steps"] == 3
     assert (Path(tmp_path) / "vllm" / "vllm_model" / "config.json").is_file()

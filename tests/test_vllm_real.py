@@ -66,7 +66,8 @@ def _scenario(rank: int, world: int, tied: bool, model_dir: str) -> dict:
     from ebpo_megatron.rollout.native_engine import NativeEngine
     from ebpo_megatron.rollout.vllm_engine import VLLMEngine
     from ebpo_megatron.rollout.weight_export import export_hf_weights
-    from ebpo_megatron.trainer.policy_trainer import LossConfig, OptimConfig, PolicyTrainer, StepConfig
+    from ebpo_megatron.config.training import LossConfig, OptimConfig, StepConfig
+    from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
     from ebpo_megatron.trainer.rollout_batch import build_policy_batch
     from ebpo_megatron.trainer.sync_probe import trainer_sync_probe
 

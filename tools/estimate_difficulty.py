@@ -33,14 +33,8 @@ from label_topics import read_rows, write_rows
 
 from ebpo_megatron.config.schema import Config
 from ebpo_megatron.data.difficulty import write_pass_rates
-from ebpo_megatron.evaluation.runner import (
-    BenchmarkResult,
-    EvalInputError,
-    EvalSettings,
-    pass_rates,
-    resolve_config,
-    run_evaluation,
-)
+from ebpo_megatron.evaluate import resolve_config, run_evaluation
+from ebpo_megatron.evaluation.results import BenchmarkResult, EvalInputError, EvalSettings, pass_rates
 
 
 def difficulty_column(result: BenchmarkResult, num_rows: int) -> list[float | None]:

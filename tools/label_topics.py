@@ -127,18 +127,15 @@ class Labels:
 def llm_labels(examples: list[MathExample], checkpoint: Path, config_path: Path | None, overrides: list[str],
                default: str, max_new_tokens: int) -> Labels:
     """Ask the model for each problem's topic (greedy); keyword fallback when it names none."""
+    from dataclasses import replace
+
     import torch.distributed as dist
 
     from ebpo_megatron.data.math_prompts import ChatPromptRenderer
-    from ebpo_megatron.evaluation.runner import (
-        EvalInputError,
-        build_eval_task,
-        generate_texts,
-        map_over_dp,
-        policy_engine,
-        render_examples,
-        resolve_config,
-    )
+    from ebpo_megatron.evaluate import policy_engine, resolve_config
+    from ebpo_megatron.evaluation.results import EvalInputError
+    from ebpo_megatron.evaluation.runner import build_eval_task, render_examples, sharing_group
+    from ebpo_megatron.parallel.sharding import map_over_group, rank_seed
     from ebpo_megatron.rollout.base import SamplingParams
 
     config, run_dir = resolve_config(checkpoint, config_path, overrides)
@@ -152,8 +149,11 @@ def llm_labels(examples: list[MathExample], checkpoint: Path, config_path: Path 
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens,
                             stop_token_ids=task.stop_token_ids, seed=config.run.seed)
     with policy_engine(config, checkpoint, task.tokenizer.pad_id) as engine:
-        replies = map_over_dp(prompts, lambda share, rank: [
-            texts[0] for texts in generate_texts(engine, task.tokenizer, [p.token_ids for p in share], params, rank)])
+        def replies_of(share: list, _first: int, rank: int) -> list[str]:
+            batch = engine.generate([list(p.token_ids) for p in share], replace(params, seed=rank_seed(params.seed, rank)))
+            return [task.tokenizer.decode(r) for r in batch.response_ids]
+
+        replies = map_over_group(prompts, replies_of, sharing_group(engine))
         is_rank0 = dist.get_rank() == 0
     answered = {p.uid: parse_topic(reply) for p, reply in zip(prompts, replies)}
     counts: Counter = Counter()
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--in: file not found: {args.inp}")
     input_errors: tuple[type[Exception], ...] = ()
     if args.checkpoint is not None:
-        from ebpo_megatron.evaluation.runner import EvalInputError
+        from ebpo_megatron.evaluation.results import EvalInputError
 
         input_errors = (EvalInputError,)
     try:

@@ -6,6 +6,7 @@ Symbols and every formula: docs/algorithms.md (with the test of each).
 from .estimators import (
     GroupAffine,
     compute_advantages,
+    estimator_options,
     list_estimators,
     register_estimator,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "aggregate",
     "compute_advantages",
     "entropy_from_logits",
+    "estimator_options",
     "groups_with_signal",
     "kl_penalty",
     "list_estimators",

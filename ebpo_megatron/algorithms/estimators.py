@@ -8,12 +8,16 @@ computed from the O(M) table instead of the O(M·G) rows, so data parallelism ne
 all-gather of the table and nothing else.
 
 Registering your own: ``@register_estimator("name")`` on a function
-``fn(table, *, prior, **options) -> (GroupAffine, metrics)``.
+``fn(table, *, prior, <options>) -> (GroupAffine, metrics)``. Its options are its other keyword
+parameters (:func:`estimator_options`): the config's ``algorithm.options`` is checked against
+their names and annotations at load, and the signature's defaults are the options' defaults.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
+import typing
 from dataclasses import dataclass
 from typing import Callable, Literal, Protocol
 
@@ -56,6 +60,34 @@ def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
 def list_estimators() -> list[str]:
     """Names of all registered advantage estimators, sorted."""
     return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> Estimator:
+    """The function registered as ``name``; ValueError (with the closest name) if none is."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"name: unknown estimator {name!r}{hint}; known: {list_estimators()}")
+    return _REGISTRY[name]
+
+
+PER_CALL_INPUTS = ("table", "prior")
+"""Parameters of an estimator that ``compute_advantages`` supplies on every call, not options."""
+
+
+def estimator_options(name: str) -> dict[str, inspect.Parameter]:
+    """The options of estimator ``name``: the parameters of its function other than
+    :data:`PER_CALL_INPUTS` that can be passed by keyword, in signature order, each with its
+    annotation resolved to a type (``typing.Any`` where it has none) and its default
+    (``inspect.Parameter.empty``: the option is required)."""
+    fn = _lookup(name)
+    hints = typing.get_type_hints(fn)
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        p.name: p.replace(annotation=hints.get(p.name, typing.Any))
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in keyword and p.name not in PER_CALL_INPUTS
+    }
 
 
 def _require_group_size(table: GroupTable, minimum: int, estimator: str) -> None:
@@ -192,21 +224,19 @@ def compute_advantages(
     ``rewards`` r [N] and ``group_ids`` [N] are this rank's rows. With ``process_group`` the
     group statistics, the prior update and any batch normalization cover the rows of all ranks
     of the group (a prompt's responses may sit on several ranks), and each rank's advantages
-    equal those of one process over all rows. Metrics (all estimators): ``adv/zero_signal_frac``
-    (fraction of responses in groups whose rewards are all equal), ``adv/mean``, ``adv/std``,
-    ``reward/mean``; identical on every rank.
+    equal those of one process over all rows. ``options``: the estimator's own keyword options
+    (:func:`estimator_options`; an option not given takes its signature default). Metrics (all
+    estimators): ``adv/zero_signal_frac`` (fraction of responses in groups whose rewards are all
+    equal), ``adv/mean``, ``adv/std``, ``reward/mean``; identical on every rank.
     """
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"name: unknown estimator {name!r}{hint}; known: {list_estimators()}")
+    estimator = _lookup(name)
     _validate(rewards, group_ids)
     group_ids = group_ids.to(torch.int64)
     table, row = global_group_table(rewards.detach(), group_ids, process_group)
     if table.num_groups == 0:
         raise ValueError("rewards: empty batch (no responses on any rank)")
 
-    affine, metrics = _REGISTRY[name](table, prior=prior, **options)
+    affine, metrics = estimator(table, prior=prior, **options)
 
     advantages = affine.scale.index_select(0, row) * rewards.detach().to(torch.float64) + affine.shift.index_select(0, row)
     final = moments_of(table.count, affine.scale * table.mean + affine.shift,

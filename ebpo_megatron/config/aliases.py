@@ -1,9 +1,11 @@
-"""Names other RL frameworks give to keys of ours, for the config's "Did you mean" hints.
+"""Names other RL frameworks give to keys of ours, for the config's "Did you mean" hints, and
+keys of ours that have moved.
 
 A user coming from verl, TRL, OpenRLHF or Megatron-LM who writes ``algorithm.group_size`` or
 ``num_generations`` is told ``rollout.n`` (``Config.KEY_ALIASES``; see ``typed.suggest_keys``).
 Only names that mean one key of ours are listed; a misspelling or a key of ours placed in the
-wrong section is found without a table.
+wrong section is found without a table. A config that still sets a moved key is told its new
+place (``Config.MOVED_KEYS``; see ``typed.from_dict``).
 """
 
 from __future__ import annotations
@@ -44,4 +46,12 @@ OTHER_FRAMEWORK_NAMES: dict[str, str] = {
     "tensor_model_parallel_size": "parallel.tensor_parallel",  # Megatron-LM, verl
     "pipeline_model_parallel_size": "parallel.pipeline_parallel",  # Megatron-LM, verl
     "virtual_pipeline_model_parallel_size": "parallel.virtual_pipeline",  # Megatron-LM
+}
+
+FORMER_KEYS: dict[str, str] = {
+    # the estimator's options: the keyword parameters of its registered function
+    # (algorithms.estimator_options), checked against it at load
+    "algorithm.eps": "algorithm.options.eps",
+    "algorithm.batch_normalize": "algorithm.options.batch_normalize",
+    "algorithm.tau2": "algorithm.options.tau2",
 }

@@ -14,16 +14,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from ..algorithms import list_estimators
-from ..data.chat_arithmetic import DEFAULT_INSTRUCTION, LEVEL_TOPICS
+from ..algorithms import estimator_options, list_estimators
 from ..models.config import ModelConfig
 from ..parallel.distributed import ParallelConfig
-from ..trainer.policy_trainer import LossConfig, OptimConfig, StepConfig
-from .aliases import OTHER_FRAMEWORK_NAMES
+from .training import LossConfig, OptimConfig, StepConfig
+from .aliases import FORMER_KEYS, OTHER_FRAMEWORK_NAMES
 from .precision import resolve_precision
 from .typed import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
@@ -75,6 +75,12 @@ class SyntheticTaskConfig:
         if not set(self.sft_levels) <= set(self.levels):
             raise ConfigError(f"data.synthetic.sft_levels: expected a subset of levels {self.levels}, "
                               f"got {self.sft_levels}")
+
+
+# data.task chat_arith: the levels (data/chat_arithmetic.py makes their questions) and the default
+# instruction appended to every question
+LEVEL_TOPICS = {0: "single_digit_addition", 1: "times_table", 2: "two_digit_addition", 3: "three_term"}
+DEFAULT_INSTRUCTION = "Put the final answer in \\boxed{}."
 
 
 @dataclass
@@ -187,9 +193,11 @@ class RunLossConfig(LossConfig):
 @dataclass
 class AlgorithmConfig:
     estimator: str = "ebpo"
-    eps: float = 1e-6
-    batch_normalize: bool = True
-    tau2: Literal["raw", "bias_corrected"] = "raw"
+    # the chosen estimator's options, e.g. {eps: 1e-6, batch_normalize: true, tau2: raw} for ebpo:
+    # the keyword parameters of its registered function (algorithms.estimator_options), checked
+    # against their annotations at load and completed with the signature's defaults, so the
+    # resolved config records every option the run used; compute_advantages gets exactly these
+    options: dict[str, Any] = field(default_factory=dict)
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
@@ -200,14 +208,30 @@ class AlgorithmConfig:
             raise ConfigError(
                 f"algorithm.estimator: got {self.estimator!r}, expected one of {list_estimators()}"
             )
+        self.options = _resolve_options(self.estimator, self.options)
 
-    def estimator_options(self) -> dict[str, object]:
-        """Keyword options of ``compute_advantages`` for the chosen estimator."""
-        if self.estimator == "ebpo":
-            return {"eps": self.eps, "batch_normalize": self.batch_normalize, "tau2": self.tau2}
-        if self.estimator == "grpo":
-            return {"eps": self.eps}
-        return {}
+
+def _resolve_options(estimator: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the signature of estimator ``estimator`` as if its options were
+    a config section (unknown name, wrong type, missing required option: ConfigError naming
+    ``algorithm.options.<key>`` and the estimator), plus the default of every option not given."""
+    params = estimator_options(estimator)
+    for key in (k for k in options if k not in params):
+        owners = [other for other in list_estimators() if key in estimator_options(other)]
+        if owners:  # options left from another estimator (algorithm.estimator=... on an ebpo config)
+            raise ConfigError(f"algorithm.options.{key}: an option of estimator(s) {owners}, not of "
+                              f"{estimator!r}, whose options are {list(params)}")
+    section = dataclasses.make_dataclass(
+        f"{estimator}_options",
+        [(name, p.annotation) if p.default is p.empty else (name, p.annotation, field(default=p.default))
+         for name, p in params.items()],
+        kw_only=True,
+    )
+    try:
+        resolved = from_dict(section, options, prefix="algorithm.options", root=Config)
+    except ConfigError as err:
+        raise ConfigError(f"{err} [options of estimator {estimator!r}]") from None
+    return {name: getattr(resolved, name) for name in params}
 
 
 @dataclass
@@ -249,6 +273,7 @@ class SFTConfig:
 @dataclass
 class Config:
     KEY_ALIASES: ClassVar[dict[str, str]] = OTHER_FRAMEWORK_NAMES  # for "Did you mean" (config/aliases.py)
+    MOVED_KEYS: ClassVar[dict[str, str]] = FORMER_KEYS  # a moved key -> its new place (config/aliases.py)
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

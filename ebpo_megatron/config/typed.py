@@ -4,7 +4,8 @@ An unknown key is an error that suggests the key most likely meant, searched in 
 (:func:`suggest_keys`: a well-known name from another framework listed in the root class's
 ``KEY_ALIASES``, the same name in another section, else the closest name); a value of the wrong
 type names the dotted key, the value and the expected type; ``Literal`` choices list the allowed
-values. Dotted overrides (``optim.lr=1e-5``) are parsed as YAML scalars and applied before
+values; a key that has moved (the root class's ``MOVED_KEYS``, old dotted key -> new) names its
+new place. Dotted overrides (``optim.lr=1e-5``) are parsed as YAML scalars and applied before
 validation, so a typo on the command line fails at start-up, not at step 300.
 """
 
@@ -159,6 +160,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "", root: type | None = Non
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
+            moved: str | None = getattr(root, "MOVED_KEYS", {}).get(dotted)
+            if moved is not None:
+                raise ConfigError(f"{dotted}: moved to {moved}")
             meant = suggest_keys(str(key), prefix, known, root)
             hint = f" Did you mean {' or '.join(repr(m) for m in meant)}?" if meant else ""
             raise ConfigError(f"{dotted}: unknown key.{hint} Valid keys: {sorted(known)}")

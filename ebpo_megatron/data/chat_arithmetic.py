@@ -35,15 +35,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..config.schema import DEFAULT_INSTRUCTION, LEVEL_TOPICS
 from ..rewards.math import MathReward, MathRewardConfig, RewardResult
 from .arithmetic import is_held_out
 from .math_datasets import MathExample
 from .math_prompts import ChatPromptRenderer
 
 _INTEGER = re.compile(r"[-−]?\d+")
-
-DEFAULT_INSTRUCTION = "Put the final answer in \\boxed{}."
-LEVEL_TOPICS = {0: "single_digit_addition", 1: "times_table", 2: "two_digit_addition", 3: "three_term"}
 
 
 @dataclass(frozen=True)

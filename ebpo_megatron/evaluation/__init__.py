@@ -1,8 +1,8 @@
 """Evaluation metrics: pass@k (unbiased), mean Pass@1, maj@k, and the paper's results table."""
 
+from ..rewards.math import MathVerifyEquivalence
 from .metrics import (
     PAPER_BENCHMARKS,
-    MathVerifyEquivalence,
     Vote,
     cluster_answers,
     format_results_table,

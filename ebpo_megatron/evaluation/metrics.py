@@ -130,28 +130,6 @@ def mean_maj_at_k(
     return sum(maj_at_k(a, c, k, equivalent) for a, c in zip(answers, correct)) / len(answers)
 
 
-class MathVerifyEquivalence:
-    """``equivalent(a, b)`` for voting: exact shortcut, else math-verify in the reward's worker pool.
-
-    A check that times out or fails counts as "not equivalent".
-    """
-
-    def __init__(self, reward: object | None = None, timeout_s: float = 5.0) -> None:
-        from ..rewards.math import MathReward, default_reward
-
-        self.reward: MathReward = reward if reward is not None else default_reward()  # type: ignore[assignment]
-        self.timeout_s = timeout_s
-
-    def __call__(self, a: str, b: str) -> bool:
-        from ..rewards.math import fast_verdict
-
-        quick = fast_verdict(a, b)
-        if quick is not None:
-            return quick
-        outcome = self.reward.check_pairs([(a, b)], self.timeout_s)[0]
-        return outcome.error is None and outcome.verdict
-
-
 PAPER_BENCHMARKS: tuple[str, ...] = ("MATH-500", "AIME24", "AIME25", "AMC23", "Olympiad")
 
 

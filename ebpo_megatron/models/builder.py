@@ -159,19 +159,16 @@ def _apply_rope_scaling(chunk: torch.nn.Module, model: ModelConfig) -> None:
 def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.Module]:
     """This rank's ``PolicyGPTModel`` chunks (one per virtual pipeline stage, else one).
 
-    Needs Megatron's parallel state (``parallel.initialize``). The output layer covers the padded
-    vocabulary (``padded_vocab_size``); ``chunk.real_vocab_size`` is the real one, logits past it
-    are padding.
+    Needs Megatron's parallel state and patches (``parallel.initialize``). The output layer
+    covers the padded vocabulary (``padded_vocab_size``); ``chunk.real_vocab_size`` is the real
+    one, logits past it are padding.
     """
     from megatron.core import parallel_state
 
-    from . import rope
     from .policy_model import PolicyGPTModel
     from .swiglu_mlp import use_swiglu_mlp
 
     config = transformer_config(model, parallel)  # raises first if the gpu extra is missing
-    cpu_compat.enable()
-    rope.install()
     spec = layer_spec(model)
     vocab = padded_vocab_size(model.vocab_size, parallel.tensor_parallel, parallel.vocab_multiple)
     chunks = []

@@ -16,7 +16,7 @@ from typing import Any
 
 from megatron.core.transformer.attention import SelfAttention, _yarn_get_concentration_factor_from_config
 
-from .rope import apply_rotary_pos_emb
+from ..parallel.rope import apply_rotary_pos_emb
 
 
 class RotatedKeyCacheAttention(SelfAttention):

@@ -1,5 +1,6 @@
-"""Process groups, layout validation, vocabulary-parallel log-probs/entropy, CPU compatibility
-(``parallel.cpu_compat``, the only CPU-specific module)."""
+"""Process groups, layout validation, vocabulary-parallel log-probs/entropy, every patch of
+Megatron-Core (``parallel.megatron_patches``, applied by :func:`initialize`; the RoPE it installs,
+``parallel.rope``), CPU seeding and attention (``parallel.cpu_compat``)."""
 
 from .distributed import (
     LaunchInfo,

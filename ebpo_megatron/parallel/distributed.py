@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .megatron_patches import apply_megatron_patches
+
 
 @dataclass
 class ParallelConfig:
@@ -144,13 +146,16 @@ def process_group_backend(cuda: bool) -> str:
 
 
 def initialize(parallel: ParallelConfig, model: object, info: LaunchInfo | None = None) -> int:
-    """Validate, create the default process group (:func:`process_group_backend`) and Megatron's
-    model-parallel groups; returns the data-parallel size."""
+    """Validate, patch Megatron-Core (:func:`~.megatron_patches.apply_megatron_patches`: checks
+    its version; once per process), create the default process group
+    (:func:`process_group_backend`) and Megatron's model-parallel groups; returns the
+    data-parallel size. Call it before building models, optimizers or checkpoints."""
     from megatron.core import parallel_state
 
     info = info or launch_info()
     world_size = dist.get_world_size() if dist.is_initialized() else info.world_size
     dp = validate_layout(world_size, parallel, model)
+    apply_megatron_patches()
     if not dist.is_initialized():
         backend = process_group_backend(torch.cuda.is_available())
         if torch.cuda.is_available():

@@ -285,3 +285,21 @@ def score_batch(
 def score(response: Any, ground_truth: Any, timeout_s: float = 5.0, **kwargs: Any) -> RewardResult:
     """The math reward of one reply with the default persistent pool."""
     return score_batch([response], [ground_truth], timeout_s, **kwargs)[0]
+
+
+class MathVerifyEquivalence:
+    """``equivalent(a, b)`` for voting: exact shortcut, else math-verify in the reward's worker pool.
+
+    A check that times out or fails counts as "not equivalent".
+    """
+
+    def __init__(self, reward: MathReward | None = None, timeout_s: float = 5.0) -> None:
+        self.reward = reward if reward is not None else default_reward()
+        self.timeout_s = timeout_s
+
+    def __call__(self, a: str, b: str) -> bool:
+        quick = fast_verdict(a, b)
+        if quick is not None:
+            return quick
+        outcome = self.reward.check_pairs([(a, b)], self.timeout_s)[0]
+        return outcome.error is None and outcome.verdict

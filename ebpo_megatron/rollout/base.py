@@ -7,8 +7,9 @@ A rollout step samples G = ``n`` responses for each of P prompts; response r bel
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -43,26 +44,71 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass
 class RolloutBatch:
-    """Responses of one rollout call, one entry per response (P·n of them).
+    """The one record of a rollout, from the engine to the trainer: one entry per response
+    (P·n of them) in every per-response field; adding a field to it is the only change a new
+    per-response quantity needs (:meth:`select` and :meth:`concat` handle every field).
 
-    ``logprobs[r][t]`` is the rollout engine's log π(response[r][t] | prefix) under the
-    sampling temperature (the train–inference mismatch is measured against it).
+    The engine fills the generation fields; scoring adds ``texts`` (decoded responses),
+    ``answers`` (the reference answer of each response's prompt) and ``rewards`` (float32).
+    ``logprobs[r][t]`` is the rollout engine's log π(response[r][t] | prefix) under the sampling
+    temperature (the train–inference mismatch is measured against it). ``stats`` holds counts
+    and timings of the call (summed by :meth:`concat`).
     """
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     logprobs: list[list[float]]
     finish_reasons: list[FinishReason]
-    group_ids: torch.Tensor  # int64 [P·n]: index of each response's prompt in the call
+    group_ids: torch.Tensor  # int64 [P·n]: index of each response's prompt
     stats: dict[str, float] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    SCORED: ClassVar[tuple[str, ...]] = ("texts", "answers", "rewards")  # empty until scored
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
-        for name in ("prompt_ids", "logprobs", "finish_reasons"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"RolloutBatch.{name}: expected {n} entries, got {len(getattr(self, name))}")
+        for name in self._per_response_fields():
+            value = getattr(self, name)
+            if len(value) != n and not (name in self.SCORED and len(value) == 0):
+                raise ValueError(f"RolloutBatch.{name}: expected {n} entries, got {len(value)}")
         if tuple(self.group_ids.shape) != (n,):
             raise ValueError(f"RolloutBatch.group_ids: expected shape ({n},), got {tuple(self.group_ids.shape)}")
+
+    @classmethod
+    def _per_response_fields(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "stats"]
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    def select(self, rows: list[int]) -> "RolloutBatch":
+        """The responses ``rows`` (in that order), every field; ``stats`` unchanged."""
+        def take(value: Any) -> Any:
+            if len(value) == 0:
+                return value
+            return value[rows] if isinstance(value, torch.Tensor) else [value[i] for i in rows]
+
+        return replace(self, **{name: take(getattr(self, name)) for name in self._per_response_fields()})
+
+    @classmethod
+    def concat(cls, batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
+        """The responses of ``batches`` one after the other; ``stats`` summed key by key."""
+        if len(batches) == 1:
+            return batches[0]
+        columns: dict[str, Any] = {}
+        for name in cls._per_response_fields():
+            values = [getattr(b, name) for b in batches]
+            if isinstance(values[0], torch.Tensor):
+                columns[name] = torch.cat(values)
+            else:
+                columns[name] = [x for v in values for x in v]
+        stats: dict[str, float] = {}
+        for b in batches:
+            for key, value in b.stats.items():
+                stats[key] = stats.get(key, 0.0) + value
+        return cls(**columns, stats=stats)
 
 
 class RolloutEngine(abc.ABC):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from ..parallel.sharding import contiguous_shares
+
 
 @dataclass
 class PolicyBatch:
@@ -76,8 +78,7 @@ def minibatch_slices(batch_size: int, num_minibatches: int) -> list[slice]:
         raise ValueError(
             f"mini_batches: expected between 1 and the rank's batch size {batch_size}, got {num_minibatches}"
         )
-    bounds = torch.linspace(0, batch_size, num_minibatches + 1).round().long().tolist()
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return contiguous_shares(batch_size, num_minibatches)
 
 
 def microbatch_indices(

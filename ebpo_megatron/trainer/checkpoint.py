@@ -39,7 +39,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import megatron_fixes
+from ..parallel.megatron_patches import unshare_adam_steps
 from .checkpoint_manifest import MANIFEST, verify_manifest, write_manifest
 from .policy_trainer import PolicyTrainer
 
@@ -225,7 +225,6 @@ def load_checkpoint(path: Path, trainer: PolicyTrainer) -> dict[str, Any]:
     state = _load_pickle(state_file)
     rng_file = path / f"rng_rank{_rank()}.pt"
     rng = _load_pickle(rng_file) if rng_file.is_file() else None  # absent on more ranks than saved
-    megatron_fixes.apply()
     # torch's AdamW creates its state lazily; the distributed optimizer's loader needs it to
     # exist (distrib_optimizer.py:642 asserts one step per group), so prime it with zero steps.
     for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
@@ -235,7 +234,7 @@ def load_checkpoint(path: Path, trainer: PolicyTrainer) -> dict[str, Any]:
         chunk.module.load_state_dict(loaded["model" if len(trainer.chunks) == 1 else f"model{i}"])
     with torch.no_grad():  # main params are views of parameters that require grad
         trainer.optimizer.load_state_dict(loaded["optimizer"])
-    megatron_fixes.unshare_adam_steps(trainer.optimizer)
+    unshare_adam_steps(trainer.optimizer)
     trainer.scheduler.load_state_dict(state.pop("scheduler"))
     if rng is not None:
         _set_rng_state(rng)

@@ -19,18 +19,20 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..config.schema import Config, dump_config
+from ..config.typed import to_dict
 from ..data.sampler import CurriculumSampler
+from ..data.task import Task
+from ..data.tasks import build_task
+from ..evaluation.runner import evaluate_held_out
 from ..models import build_policy
 from ..parallel import cpu_compat, initialize, launch_info, shutdown
-from ..rollout.native_engine import NativeEngine
-from .batching import minibatch_slices
+from ..parallel.sharding import contiguous_shares
+from ..rollout.factory import build_engine, native_engine
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_model, save_model
 from .metrics_log import MetricsLogger, plot_run, read_metrics
 from .policy_trainer import PolicyTrainer
-from .rl_loop import RLLoop, evaluate
+from .rl_loop import RLLoop
 from .rollout_batch import build_policy_batch
-from .task import Task
-from .tasks import build_task
 from .warm_start import sft_warm_start
 
 
@@ -56,58 +58,20 @@ def _sft_batches(task: Task, config: Config) -> list:
     batches = []
     for _ in range(config.sft.steps):
         pairs = rng.sample(task.sft_pairs, min(config.sft.batch_size, len(task.sft_pairs)))
-        mine = pairs[minibatch_slices(len(pairs), size)[rank]]
+        mine = pairs[contiguous_shares(len(pairs), size)[rank]]
         prompt_ids, answers = [p for p, _ in mine], [a for _, a in mine]
         batches.append(build_policy_batch(prompt_ids, answers, [[0.0] * len(a) for a in answers],
                                           torch.zeros(len(mine)), task.tokenizer.pad_id))
     return batches
 
 
-def _vllm_model_dir(config: Config) -> Path:
-    """The HF directory vLLM starts from: config.json of the policy's architecture only (weights
-    come from the trainer at every wake; prompts arrive as token ids, so no tokenizer)."""
-    from ..conversion.hf_config import hf_config_from_model_config
-
-    directory = config.run.run_dir / "vllm_model"
-    if _is_rank0():
-        directory.mkdir(parents=True, exist_ok=True)
-        hf_config_from_model_config(config.model).save_pretrained(directory)
-    dist.barrier()
-    return directory
-
-
-def build_vllm_engine(config: Config):
-    """One colocated ``VLLMEngine`` per process for ``config.model`` (``rollout.vllm`` settings);
-    it starts without weights: the caller syncs them (``update_weights``) after ``wake``."""
-    from ..rollout.vllm_engine import VLLMEngine
-
-    return VLLMEngine.from_config(
-        config.rollout.vllm, _vllm_model_dir(config), seed=config.run.seed,
-        dtype="float32" if config.model.precision == "fp32" else "bfloat16",
-        max_model_len=config.model.max_position_embeddings,
-        gather_prompts=config.rollout.vllm.tensor_parallel > 1,
-        engine_kwargs={"skip_tokenizer_init": True})
-
-
 def _evaluate_before_sft(model: torch.nn.Module, task: Task, config: Config) -> None:
     """Held-out evaluation of the loaded weights with the native engine, written to
     ``<run_dir>/before_sft.json`` (kept across resumes; the summary reports it)."""
-    metrics = evaluate(_native_engine(model, task, config), task, config)
+    metrics = evaluate_held_out(native_engine(model, config, task.tokenizer.pad_id), task, config)
     if _is_rank0():
         (config.run.run_dir / BEFORE_SFT_FILE).write_text(json.dumps(metrics, indent=1))
         print("[sft] before the warm start: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
-
-
-def _native_engine(model: torch.nn.Module, task: Task, config: Config) -> NativeEngine:
-    return NativeEngine(model, pad_token_id=task.tokenizer.pad_id,
-                        max_sequence_length=config.model.max_position_embeddings,
-                        max_batch_size=config.rollout.max_batch_size)
-
-
-def _make_engine(config: Config, trainer: PolicyTrainer, task: Task):
-    if config.rollout.engine == "vllm":
-        return build_vllm_engine(config)
-    return _native_engine(trainer.chunks[0].module, task, config)
 
 
 def _earlier_wall_seconds(run_dir: Path, resumed: bool) -> float:
@@ -136,6 +100,42 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def _run(config: Config, started: float) -> dict[str, Any]:
+    loop, sft_losses, resumed = _build(config)
+    run_dir = config.run.run_dir
+    logger: Any = _SilentLogger()
+    if _is_rank0():
+        # written only now: a resume that failed while building (another model, a damaged
+        # checkpoint) leaves the run folder as it was
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        logger = MetricsLogger(run_dir, config.run.steps, config.run.wandb, config.run.wandb_project,
+                               to_dict(config), config.run.tensorboard, start_step=loop.step,
+                               label=config.algorithm.estimator.upper())
+        if sft_losses:
+            print(f"[sft] warm start: loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} in {len(sft_losses)} steps",
+                  flush=True)
+        if resumed:
+            print(f"[resume] continuing from step {loop.step} ({latest_checkpoint(run_dir / 'checkpoints')})",
+                  flush=True)
+    loop.logger = logger
+    try:
+        loop.run()
+    finally:
+        logger.close()
+        loop.engine.close()  # vLLM's teardown needs the process groups, which run() shuts down next
+    if not _is_rank0():
+        return {}
+    summary = _summarize(config, loop, resumed, started)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"held-out pass@1: {summary['heldout_pass@1_start']:.3f} (start) -> "
+          f"{summary['heldout_pass@1_end']:.3f} (end); {summary['wall_seconds']} s; "
+          f"curves: {run_dir / 'training_curves.png'}", flush=True)
+    return summary
+
+
+def _build(config: Config) -> tuple[RLLoop, list[float], bool]:
+    """Task, policy (warm-started on a fresh run), frozen reference, trainer, engine, sampler
+    and the loop, resumed from the run directory's latest complete checkpoint when there is one.
+    Returns the loop, the warm start's losses and whether it resumed."""
     cpu_compat.set_seed(config.run.seed)
     run_dir = config.run.run_dir
     if _is_rank0():
@@ -173,61 +173,40 @@ def _run(config: Config, started: float) -> dict[str, Any]:
             save_model(reference_dir, ref_chunks)
 
     trainer = PolicyTrainer(chunks, config.train.optim, config.algorithm.loss, config.train.step, ref_chunks)
-    engine = _make_engine(config, trainer, task)
+    engine = build_engine(config, trainer.chunks[0].module, task.tokenizer.pad_id)
     sampler = CurriculumSampler(task.train, config.data.order, config.data.prompts_per_step, config.run.seed)
     loop = RLLoop(config, task, trainer, engine, sampler, _SilentLogger())
     resumed = loop.try_resume()
-    logger: Any = _SilentLogger()
-    if _is_rank0():
-        # written only now: a resume that failed above (another model, a damaged checkpoint)
-        # leaves the run folder as it was
-        (run_dir / "config.yaml").write_text(dump_config(config))
-        from ..config.typed import to_dict
+    return loop, sft_losses, resumed
 
-        logger = MetricsLogger(run_dir, config.run.steps, config.run.wandb, config.run.wandb_project,
-                               to_dict(config), config.run.tensorboard, start_step=loop.step,
-                               label=config.algorithm.estimator.upper())
-        if sft_losses:
-            print(f"[sft] warm start: loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} in {len(sft_losses)} steps",
-                  flush=True)
-        if resumed:
-            print(f"[resume] continuing from step {loop.step} ({latest_checkpoint(run_dir / 'checkpoints')})",
-                  flush=True)
-    loop.logger = logger
-    try:
-        loop.run()
-    finally:
-        logger.close()
-        engine.close()  # vLLM's teardown needs the process groups, which run() shuts down next
-    summary: dict[str, Any] = {}
-    if _is_rank0():
-        rows = read_metrics(run_dir / "metrics.jsonl")
-        evals = [r for r in rows if "eval/pass@1" in r]
-        before_sft_file = run_dir / BEFORE_SFT_FILE
-        before_sft = json.loads(before_sft_file.read_text()) if before_sft_file.is_file() else None
-        plot_run(run_dir / "metrics.jsonl", run_dir / "training_curves.png",
-                 title=f"{config.run.name}: {config.algorithm.estimator}, G={config.rollout.n}",
-                 before_warm_start=before_sft)
-        summary = {
-            "estimator": config.algorithm.estimator,
-            "steps": loop.step,
-            "heldout_pass@1_start": evals[0]["eval/pass@1"] if evals else None,
-            "heldout_pass@1_end": evals[-1]["eval/pass@1"] if evals else None,
-            "wall_seconds": round(_earlier_wall_seconds(run_dir, resumed) + time.time() - started, 1),
-            "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")),
-        }
-        if loop.best is not None:  # run.best_metric: the checkpoint of the best evaluation
-            summary["best"] = {**loop.best, "checkpoint": str(checkpoint_dir(run_dir / "checkpoints", loop.best["step"]))}
+
+def _summarize(config: Config, loop: RLLoop, resumed: bool, started: float) -> dict[str, Any]:
+    """The run summary (rank 0): held-out pass@1 at the first and last evaluation, the task's
+    own summary metrics (``Task.summary_metrics``), the best checkpoint, the evaluation before
+    the warm start, wall time; also draws the training curves."""
+    run_dir = config.run.run_dir
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r for r in rows if "eval/pass@1" in r]
+    before_sft_file = run_dir / BEFORE_SFT_FILE
+    before_sft = json.loads(before_sft_file.read_text()) if before_sft_file.is_file() else None
+    plot_run(run_dir / "metrics.jsonl", run_dir / "training_curves.png",
+             title=f"{config.run.name}: {config.algorithm.estimator}, G={config.rollout.n}",
+             before_warm_start=before_sft)
+    summary: dict[str, Any] = {
+        "estimator": config.algorithm.estimator,
+        "steps": loop.step,
+        "heldout_pass@1_start": evals[0]["eval/pass@1"] if evals else None,
+        "heldout_pass@1_end": evals[-1]["eval/pass@1"] if evals else None,
+        "wall_seconds": round(_earlier_wall_seconds(run_dir, resumed) + time.time() - started, 1),
+        "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")),
+    }
+    if loop.best is not None:  # run.best_metric: the checkpoint of the best evaluation
+        summary["best"] = {**loop.best, "checkpoint": str(checkpoint_dir(run_dir / "checkpoints", loop.best["step"]))}
+    if before_sft is not None:
+        summary["before_sft"] = before_sft
+    for name, key in loop.task.summary_metrics.items():
+        summary[f"heldout_{name}_start"] = evals[0].get(key) if evals else None
+        summary[f"heldout_{name}_end"] = evals[-1].get(key) if evals else None
         if before_sft is not None:
-            summary["before_sft"] = before_sft
-        if {"strict", "lenient"} <= set(task.eval_rewards):  # chat_arith: boxed = strict accuracy
-            for name, key in (("boxed", "eval/strict_pass@1"), ("lenient", "eval/lenient_pass@1")):
-                summary[f"heldout_{name}_acc_start"] = evals[0].get(key) if evals else None
-                summary[f"heldout_{name}_acc_end"] = evals[-1].get(key) if evals else None
-                if before_sft is not None:
-                    summary[f"heldout_{name}_acc_before_sft"] = before_sft.get(key)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"held-out pass@1: {summary['heldout_pass@1_start']:.3f} (start) -> "
-              f"{summary['heldout_pass@1_end']:.3f} (end); {summary['wall_seconds']} s; "
-              f"curves: {run_dir / 'training_curves.png'}", flush=True)
+            summary[f"heldout_{name}_before_sft"] = before_sft.get(key)
     return summary

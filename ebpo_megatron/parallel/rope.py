@@ -11,9 +11,10 @@ computes t·cos + rotate_half(t)·sin with a chunk, a negation and two ``torch.c
 autograd keeps their intermediates: on the 26M default model a layer's forward + backward spent
 3 ms of 116 in ``torch.cat``.
 
-:func:`install` makes Megatron's attention call :func:`apply_rotary_pos_emb`, which takes this
-path for Megatron's standard RoPE (bshd layout, not interleaved, no multi-latent attention, no
-mRoPE, no fused kernel selected) and hands every other case to Megatron's own function.
+Megatron's attention calls :func:`apply_rotary_pos_emb` (patch B of ``parallel.megatron_patches``,
+installed by ``parallel.initialize``), which takes this path for Megatron's standard RoPE (bshd
+layout, not interleaved, no multi-latent attention, no mRoPE, no fused kernel selected) and hands
+every other case to Megatron's own function.
 """
 
 from __future__ import annotations
@@ -77,11 +78,3 @@ def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, config: Any, cu_s
     if _takes_fast_path(t, freqs, config, cu_seqlens):
         return rotate_half_pairs(t, freqs, mscale)
     return _megatron_apply(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
-
-
-def install() -> None:
-    """Make Megatron's attention (``megatron.core.transformer.attention``) apply RoPE through
-    :func:`apply_rotary_pos_emb` (idempotent)."""
-    from megatron.core.transformer import attention
-
-    attention.apply_rotary_pos_emb = apply_rotary_pos_emb

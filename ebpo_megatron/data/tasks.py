@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config.schema import Config
-from ..data.arithmetic import make_split, score_response
-from ..data.difficulty import load_pass_rates, with_pass_rates
-from ..data.sp_tokenizer import MODEL_FILE, SentencePieceTokenizer, train_tokenizer
 from ..rewards.checker_pool import OVER_BUDGET
 from ..rewards.safe import SafeReward
+from .arithmetic import make_split, score_response
+from .difficulty import load_pass_rates, with_pass_rates
+from .sp_tokenizer import MODEL_FILE, SentencePieceTokenizer, train_tokenizer
 from .task import Task, TaskPrompt
 
 
@@ -78,10 +78,9 @@ def build_math_task(config: Config) -> Task:
     tokenizer's chat template; prompts over ``data.max_prompt_tokens`` are dropped and counted."""
     import zlib
 
-    from ..data.math_datasets import load_math_dataset
-    from ..data.math_prompts import ChatPromptRenderer
-    from ..evaluation.metrics import MathVerifyEquivalence
-    from ..rewards.math import MathReward, MathRewardConfig
+    from ..rewards.math import MathReward, MathRewardConfig, MathVerifyEquivalence
+    from .math_datasets import load_math_dataset
+    from .math_prompts import ChatPromptRenderer
 
     data = config.data
     if not data.tokenizer_dir:
@@ -117,8 +116,8 @@ def build_chat_arith_task(config: Config) -> Task:
     the reward of ``data.chat_arith.reward``; strict (boxed) and lenient accuracy both evaluated;
     warm-start pairs (prompt, ``worked_answer`` + end of turn) from the training problems of
     ``data.chat_arith.sft_levels``."""
-    from ..data import chat_arithmetic as ca
-    from ..data.math_prompts import load_tokenizer
+    from . import chat_arithmetic as ca
+    from .math_prompts import load_tokenizer
 
     data, cfg = config.data, config.data.chat_arith
     tokenizer = HFTokenizer(load_tokenizer(data.tokenizer_dir))
@@ -144,7 +143,8 @@ def build_chat_arith_task(config: Config) -> Task:
     reward = strict if cfg.reward == "boxed" else ca.make_reward(cfg.format_reward)  # boxed: format_reward = 0
     return Task(train=train_prompts, held_out=prompts(held_out), tokenizer=tokenizer,
                 reward=_math_reward(reward), stop_token_ids=(tokenizer.eos_id,), sft_pairs=sft,
-                eval_rewards={"strict": _math_reward(strict), "lenient": _math_reward(lenient)})
+                eval_rewards={"strict": _math_reward(strict), "lenient": _math_reward(lenient)},
+                summary_metrics={"boxed_acc": "eval/strict_pass@1", "lenient_acc": "eval/lenient_pass@1"})
 
 
 def build_task(config: Config, run_dir: Path) -> Task:

@@ -50,10 +50,13 @@ class Task:
     reward: RewardFn
     stop_token_ids: tuple[int, ...]
     sft_pairs: list[tuple[list[int], list[int]]] = field(default_factory=list)
-    # more held-out accuracies: evaluate() logs the fraction scoring >= 1 under reward NAME as
+    # more held-out accuracies: the evaluation logs the fraction scoring >= 1 under reward NAME as
     # eval/NAME_pass@1 (chat_arith: "strict", boxed answers only, and "lenient")
     eval_rewards: dict[str, RewardFn] = field(default_factory=dict)
     # the answer a response casts in a majority vote (maj@m), and when two answers are the same
     # (None: equal after answer-string normalization)
     voted_answer: Callable[[str], str | None] = extracted_answer
     answer_equivalence: Callable[[str, str], bool] | None = None
+    # more run-summary entries: NAME -> evaluation metric, reported as heldout_NAME_start / _end
+    # (and _before_sft) in summary.json (chat_arith: boxed_acc = eval/strict_pass@1)
+    summary_metrics: dict[str, str] = field(default_factory=dict)
