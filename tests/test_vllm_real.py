@@ -204,3 +204,26 @@ def test_real_vllm_one_process(tmp_path, tied):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_real_vllm_two_ranks(tmp_path, tied):
     _check(run_ranks(_scenario, 2, tied, str(tmp_path)), tied)
+
+
+def test_ebpo_train_with_real_vllm_writes_its_summary(tmp_path):
+    """The whole ``ebpo-train`` with ``rollout.engine: vllm`` in one process: vLLM's engine is
+    closed at the end (which tears down the default process group with it), and the run still
+    writes its summary."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_train_e2e import ROOT
+
+    overrides = [f"run.output_dir={tmp_path}", "run.name=vllm", "run.steps=2", "run.eval_every=2", "run.save_every=2",
+                 "run.wandb=disabled", "run.torch_threads=1", "sft.steps=10", "sft.target_loss=null",
+                 "data.prompts_per_step=8", "data.synthetic.num_train=300", "data.synthetic.num_eval=16",
+                 "rollout.engine=vllm", "model.precision=fp32"]
+    done = subprocess.run([sys.executable, "-m", "ebpo_megatron.train", "--config", str(ROOT / "examples/tiny_cpu.yaml"),
+                           *overrides], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "vllm" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["heldout_pass@1_end"] is not None

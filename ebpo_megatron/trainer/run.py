@@ -102,8 +102,10 @@ def run(config: Config) -> dict[str, Any]:
 def _run(config: Config, started: float) -> dict[str, Any]:
     loop, sft_losses, resumed = _build(config)
     run_dir = config.run.run_dir
+    # asked once, now: closing a vLLM engine tears down the default process group with it
+    is_rank0 = _is_rank0()
     logger: Any = _SilentLogger()
-    if _is_rank0():
+    if is_rank0:
         # written only now: a resume that failed while building (another model, a damaged
         # checkpoint) leaves the run folder as it was
         (run_dir / "config.yaml").write_text(dump_config(config))
@@ -122,7 +124,7 @@ def _run(config: Config, started: float) -> dict[str, Any]:
     finally:
         logger.close()
         loop.engine.close()  # vLLM's teardown needs the process groups, which run() shuts down next
-    if not _is_rank0():
+    if not is_rank0:
         return {}
     summary = _summarize(config, loop, resumed, started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
