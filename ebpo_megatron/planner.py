@@ -538,6 +538,11 @@ class FlopsPlan:
         return self.train_seconds + self.rollout_seconds
 
 
+def on_policy(inp: PlanInputs) -> bool:
+    """One update per RL step on the whole batch (``StepConfig.on_policy``)."""
+    return inp.ppo_epochs == 1 and inp.mini_batches == 1
+
+
 def flops_plan(inp: PlanInputs, rollout: RolloutPlan | None = None) -> FlopsPlan:
     """FLOPs of one RL step (docs/planner.md, "FLOPs and time")."""
     c = count_parameters(inp, vocab=inp.padded_vocab)
@@ -551,7 +556,9 @@ def flops_plan(inp: PlanInputs, rollout: RolloutPlan | None = None) -> FlopsPlan
     forward = (2.0 * n + attn * s) * tokens
     train = inp.ppo_epochs * 3.0 * forward
     recompute = {"none": 0.0, "selective": attn * s * tokens, "full": forward}[inp.recompute] * inp.ppo_epochs
-    passes = 1 + (inp.kl_coef > 0) + bool(inp.step_kl)
+    # π_old: a pass of its own unless the step is on-policy (one epoch, one mini-batch), where the
+    # update's forward gives it (trainer.policy_trainer)
+    passes = (not on_policy(inp)) + (inp.kl_coef > 0) + bool(inp.step_kl)
     logprob = passes * forward
     prefill_tokens = inp.prompts_per_step * p  # the G samples of a prompt share its prefill
     generated = seqs * r
@@ -815,7 +822,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
     add(f"  waves            {rp.waves} ({rp.sequences_per_engine} sequences per engine)")
     add("")
     add(f"FLOPs per RL step (PFLOP)   at {i.mfu:.0%} of {i.peak_tflops:g} TFLOP/s x {plan.world_size} GPUs")
-    passes = "old" + (", reference" if i.kl_coef > 0 else "") + (", step KL" if i.step_kl else "")
+    passes = ", ".join(name for name, counted in (("old", not on_policy(i)), ("reference", i.kl_coef > 0),
+                                                  ("step KL", i.step_kl)) if counted)
     for label, value, extra in (
         (f"train (6N + attn) x {i.ppo_epochs} ep", fl.train, f"{fl.train_tokens:,.0f} tokens"),
         (f"recompute ({i.recompute})", fl.recompute, ""),

@@ -157,6 +157,30 @@ def test_sdpa_core_attention_backward_matches_reference() -> None:
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def test_sdpa_core_attention_computes_bf16_in_float32() -> None:
+    """bf16 q, k, v: the output is the float32 attention of the same (bf16) values rounded once
+    to bf16, and gradients come back in bf16 (the float64 reference, not the bf16 kernels)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from ebpo_megatron.parallel.cpu_compat import SDPACoreAttention
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(6, 2, 4, 8, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(6, 2, 2, 8, generator=g).bfloat16().requires_grad_()
+    v = torch.randn(6, 2, 2, 8, generator=g).bfloat16().requires_grad_()
+    attention = SDPACoreAttention(_AttentionConfig(), 1, AttnMaskType.causal, "self")
+    got = attention(q, k, v)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    want = reference_attention(q.double(), k.double(), v.double(), causal)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want.bfloat16().double(), atol=0, rtol=2**-7)
+    decode = attention(q[-1:], k, v, attn_mask_type=AttnMaskType.no_mask)
+    want_decode = reference_attention(q[-1:].double(), k.double(), v.double(), torch.ones(1, 6, dtype=torch.bool))
+    torch.testing.assert_close(decode.double(), want_decode.bfloat16().double(), atol=0, rtol=2**-7)
+    got.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
 # ---------------------------------------------------------------- seeding
 def _seeding(rank: int, world: int) -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker

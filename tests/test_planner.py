@@ -204,6 +204,8 @@ def test_flops_per_step_by_hand():
     assert fl.train_seconds == pytest.approx((fl.train + fl.recompute + fl.logprob) / (64 * 989e12 * 0.5))
     no_kl = flops_plan(dataclasses.replace(inp, kl_coef=0.0, step_kl=False))
     assert no_kl.logprob_passes == 1
+    # on-policy (one mini-batch, one epoch): π_old comes from the update's own forward
+    assert flops_plan(dataclasses.replace(inp, kl_coef=0.0, step_kl=False, mini_batches=1)).logprob_passes == 0
     short = flops_plan(dataclasses.replace(inp, mean_response_tokens=1000))
     assert short.train_tokens == 2048 * (1024 + 1000)
 

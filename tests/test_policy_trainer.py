@@ -56,15 +56,19 @@ def _step(rank, world, tp, pp, micro, agg, shapes, recompute="none", old_logp="g
     if shapes is None:  # shape discovery run (single process)
         return {n: tuple(t.shape) for n, t in full_weights(chunks).items()}
     assign_full_weights(chunks, lambda n: full_init(n, shapes))
+    recomputed = old_logp.startswith("recompute")  # π_old = π_θ; the batch's old_logp: π_rollout
     trainer = PolicyTrainer(
         chunks, OptimConfig(lr=1e-3, adam_eps=1e-3, weight_decay=0.01, clip_grad=1.0),
-        LossConfig(kl_coef=0.0, agg=agg),
-        StepConfig(micro_batch_size=micro, step_kl=False, old_logp="rollout" if old_logp == "rollout" else "recompute"),
+        LossConfig(kl_coef=0.0, agg=agg, tis_cap=1.5 if recomputed else None),
+        StepConfig(micro_batch_size=micro, step_kl=recomputed,
+                   old_logp="rollout" if old_logp == "rollout" else "recompute"),
     )
     trainer.skip_prompt_logits = not prompt_logits
     batch = fixed_batch()
-    if old_logp == "rollout":  # the same π_old, arriving as the engine's sampling log-probs
+    if old_logp == "rollout" or recomputed:  # the same π_old, arriving as the engine's sampling log-probs
         batch = dataclasses.replace(batch, old_logp=None, rollout_logp=batch.old_logp)
+    if old_logp == "recompute-separately":  # a forward pass of its own before the step
+        batch = batch.with_logps(old_logp=trainer.logprobs(batch))
     dp = parallel_state.get_data_parallel_world_size()
     share = BATCH // dp
     mine = batch.select(slice(parallel_state.get_data_parallel_rank() * share,
@@ -164,6 +168,21 @@ def test_logits_on_prompt_positions_change_nothing(shapes, single):
     """The trainer skips the output layer before the first response position
     (``PolicyBatch.response_start`` = 3 here); computing all positions gives the same step."""
     assert_same(single["token-mean"], run_layout(shapes, 1, 1, 1, 8, prompt_logits=True))
+
+
+@pytest.mark.parametrize("world,tp,pp", [(1, 1, 1), (2, 1, 2), (2, 1, 1)], ids=["single", "PP2", "DP2"])
+def test_on_policy_old_logp_from_the_update_equals_a_separate_forward(shapes, world, tp, pp):
+    """``old_logp: recompute`` in an on-policy step takes π_old from the update's own forward,
+    detached: the same step, truncated-IS weights, rollout-mismatch metrics and step KL as with
+    π_old from a forward pass of its own (in 4 micro-batches, under PP and DP too)."""
+    separate = run_layout(shapes, 1, 1, 1, 8, old_logp="recompute-separately")
+    metrics, weights = run_layout(shapes, world, tp, pp, 2, old_logp="recompute")
+    for key in ("actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/param_norm",
+                "actor/step_kl", "rollout/logp_diff_mean", "rollout/logp_diff_max"):
+        assert metrics[key] == pytest.approx(separate[0][key], rel=1e-5, abs=1e-7), key
+    assert separate[0]["rollout/logp_diff_mean"] > 0.1 and separate[0]["actor/step_kl"] > 0
+    for name in weights:
+        assert torch.allclose(weights[name], separate[1][name], atol=1e-5, rtol=0), name
 
 
 class _Group:

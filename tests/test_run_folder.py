@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["run.name=r", "run.steps=2", "run.eval_every=2", "run.save_every=2", "run.keep_last=1", "run.wandb=disabled",
@@ -68,3 +69,28 @@ def test_a_no_op_resume_adds_its_time_to_wall_seconds(copy):
     resumed = json.loads(summary_file.read_text())
     assert resumed["wall_seconds"] > 2292.5
     assert resumed["steps"] == summary["steps"] == 2
+
+
+def _stored_weights(checkpoint: Path) -> dict:
+    from ebpo_megatron.conversion.dcp_stream import read_slices, stored_tensors
+
+    stored = stored_tensors(checkpoint)
+    return read_slices(checkpoint, {k: ((0,) * len(shape), shape, dtype) for k, (shape, dtype) in stored.items()})
+
+
+def test_reference_holds_the_warm_started_policy_also_without_a_kl_term(tmp_path):
+    """``reference/`` is the policy as RL starts: written after a warm start even with
+    ``kl_coef: 0`` (tools/compare.py starts every arm from it), and not at all without either.
+    The first RL step of a linear warm-up runs at learning rate 0, so the step-1 checkpoint still
+    holds those weights."""
+    warm = train(tmp_path / "warm", "sft.steps=5", "algorithm.loss.kl_coef=0", "run.steps=1", "run.save_every=1",
+                 "train.optim.warmup_steps=5")
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    plain = train(tmp_path / "plain", "algorithm.loss.kl_coef=0", "run.steps=1", "run.save_every=1")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert not (tmp_path / "plain/r/reference").exists()
+    reference = _stored_weights(tmp_path / "warm/r/reference")
+    step_one = _stored_weights(tmp_path / "warm/r/checkpoints/step_000001")
+    assert reference and all(torch.equal(reference[k], step_one[k]) for k in reference)
+    initial = _stored_weights(tmp_path / "plain/r/checkpoints/step_000001")
+    assert any(not torch.equal(reference[k], initial[k]) for k in reference)  # the warm start moved them

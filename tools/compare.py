@@ -17,8 +17,9 @@ seed. Per seed the tool runs, each step skipped when its output exists (so it re
    (``tools/estimate_difficulty.py``), written to ``difficulty.json``;
 3. every arm at every G: ``model.checkpoint=<warm start> sft.steps=0 rollout.n=G
    data.prompts_per_step=responses_per_step/G run.seed=s`` plus the arm's overrides, in its own run
-   directory with the warm start's tokenizer copied in. An interrupted run resumes from its latest
-   checkpoint. Its summary (``evaluation.comparison.run_summary``) is written to
+   directory (with the warm start's tokenizer copied in when it trained one, as the embedded task
+   does; a Hugging Face tokenizer is read from ``data.tokenizer_dir``). An interrupted run resumes
+   from its latest checkpoint. Its summary (``evaluation.comparison.run_summary``) is written to
    ``<results_dir>/s<seed>/<arm>_G<g>.json``: commit that folder, and no finished run is lost.
 
 The report (``<results_dir>/report.md``, ``report.json``, ``<name>.png``): per G and arm, final
@@ -56,6 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ebpo_megatron.atomic_file import write_text_atomic
 from ebpo_megatron.config.schema import load_config
 from ebpo_megatron.config.typed import ConfigError, load_yaml
 from ebpo_megatron.evaluation.comparison import arm_statistics, run_summary
@@ -232,17 +234,14 @@ def run_arm(comparison: Comparison, seed: int, arm: str, g: int, python: str = s
     if result.is_file():
         return True
     run_dir = comparison.seed_dir(seed) / comparison.run_name(arm, g)
-    tokenizer = run_dir / "tokenizer"
-    if not tokenizer.is_dir():  # the warm start's tokenizer: identical token ids in every arm
-        shutil.copytree(comparison.warm_dir(seed) / "tokenizer", tokenizer)
+    tokenizer, trained = run_dir / "tokenizer", comparison.warm_dir(seed) / "tokenizer"
+    if trained.is_dir() and not tokenizer.is_dir():  # a tokenizer trained by the warm start (the
+        shutil.copytree(trained, tokenizer)          # embedded task): identical token ids in every arm
     print(f"[compare] s{seed}: {arm} G={g}", flush=True)
     if not _train(comparison, comparison.arm_overrides(seed, arm, g), run_dir / "compare.log", python):
         return False
     summary = {"seed": seed, "arm": arm, "G": g, **run_summary(read_metrics(run_dir / "metrics.jsonl"))}
-    result.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(result)
+    write_text_atomic(result, json.dumps(summary, indent=1))
     return True
 
 

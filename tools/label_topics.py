@@ -127,7 +127,6 @@ class Labels:
 def llm_labels(examples: list[MathExample], checkpoint: Path, config_path: Path | None, overrides: list[str],
                default: str, max_new_tokens: int) -> Labels:
     """Ask the model for each problem's topic (greedy); keyword fallback when it names none."""
-    from dataclasses import replace
 
     import torch.distributed as dist
 
@@ -135,8 +134,8 @@ def llm_labels(examples: list[MathExample], checkpoint: Path, config_path: Path 
     from ebpo_megatron.evaluate import policy_engine, resolve_config
     from ebpo_megatron.evaluation.results import EvalInputError
     from ebpo_megatron.evaluation.runner import build_eval_task, render_examples, sharing_group
-    from ebpo_megatron.parallel.sharding import map_over_group, rank_seed
-    from ebpo_megatron.rollout.base import SamplingParams
+    from ebpo_megatron.parallel.sharding import map_over_group
+    from ebpo_megatron.rollout.base import SamplingParams, generate_decoded
 
     config, run_dir = resolve_config(checkpoint, config_path, overrides)
     task = build_eval_task(config, run_dir)
@@ -150,8 +149,7 @@ def llm_labels(examples: list[MathExample], checkpoint: Path, config_path: Path 
                             stop_token_ids=task.stop_token_ids, seed=config.run.seed)
     with policy_engine(config, checkpoint, task.tokenizer.pad_id) as engine:
         def replies_of(share: list, _first: int, rank: int) -> list[str]:
-            batch = engine.generate([list(p.token_ids) for p in share], replace(params, seed=rank_seed(params.seed, rank)))
-            return [task.tokenizer.decode(r) for r in batch.response_ids]
+            return generate_decoded(engine, [p.token_ids for p in share], params, rank, task.tokenizer.decode).texts
 
         replies = map_over_group(prompts, replies_of, sharing_group(engine))
         is_rank0 = dist.get_rank() == 0

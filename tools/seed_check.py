@@ -31,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ebpo_megatron.atomic_file import write_text_atomic
 from ebpo_megatron.config.schema import load_config
 from ebpo_megatron.config.typed import ConfigError
 from ebpo_megatron.evaluation.comparison import run_summary
@@ -62,10 +63,7 @@ def run_one(config: Path, seed: int, threads: int, work: Path, results: Path, ov
     summary = json.loads((run_dir / "summary.json").read_text())
     record = {"seed": seed, "threads": threads, "kernels": kernels or "default", "wall_seconds": summary["wall_seconds"],
               **run_summary(read_metrics(run_dir / "metrics.jsonl"))}
-    results.mkdir(parents=True, exist_ok=True)
-    tmp = result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(result)
+    write_text_atomic(result, json.dumps(record, indent=1))
     return True
 
 

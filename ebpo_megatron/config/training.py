@@ -80,10 +80,17 @@ class StepConfig:
     temperature: float = 1.0
     step_kl: bool = True
     peak_tflops: float | None = None  # per device, for MFU; None: report TFLOP/s only
-    # π_old of the PPO ratio: "recompute" (a forward pass of the trainer, verl's default) or
+    # π_old of the PPO ratio: "recompute" (the trainer's own log-probs before the update, verl's
+    # default: a forward pass of its own, except in an on-policy step — ppo_epochs 1, one
+    # mini-batch — where the update's forward computes them, detached, at no extra cost) or
     # "rollout" (the engine's sampling log-probs; saves that pass when the engine computes the
     # same distribution, e.g. the native engine in fp32, at the cost of the mismatch metric)
     old_logp: Literal["recompute", "rollout"] = "recompute"
+
+    @property
+    def on_policy(self) -> bool:
+        """One update per step on the whole batch: π_old = π_θ at that update."""
+        return self.ppo_epochs == 1 and self.mini_batches == 1
 
     def __post_init__(self) -> None:
         if (self.micro_batch_size is None) == (self.max_tokens_per_microbatch is None):

@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, Sequence, TypeVar
 
+from ..atomic_file import write_text_atomic
+
 
 class _Prompt(Protocol):
     uid: int
@@ -25,10 +27,7 @@ P = TypeVar("P", bound=_Prompt)
 
 def write_pass_rates(path: Path, rates: dict[int, float]) -> None:
     """``{"<uid>": rate}`` sorted by uid, written atomically (a temporary file renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({str(uid): rates[uid] for uid in sorted(rates)}, indent=0))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({str(uid): rates[uid] for uid in sorted(rates)}, indent=0))
 
 
 def load_pass_rates(path: Path) -> dict[int, float]:

@@ -17,7 +17,7 @@ a :class:`~ebpo_megatron.data.task.Task` (the embedded tasks, the training loop)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from ..data.math_datasets import MathExample, load_math_dataset
 from ..data.math_prompts import ChatPromptRenderer
 from ..data.sp_tokenizer import MODEL_FILE
 from ..data.task import Task, TaskPrompt, TextTokenizer
-from ..parallel.sharding import map_over_group, rank_seed
-from ..rollout.base import RolloutEngine, SamplingParams
+from ..parallel.sharding import map_over_group
+from ..rollout.base import RolloutEngine, SamplingParams, generate_decoded
 from .metrics import Equivalence
 from .results import (
     Benchmark,
@@ -170,8 +170,8 @@ def evaluate_benchmarks(engine: RolloutEngine, task: EvalTask, benchmarks: Seque
                             seed=settings.seed)
 
     def share(prompts: list[TaskPrompt], _first: int, rank: int) -> list[ProblemResult]:
-        batch = engine.generate([list(p.token_ids) for p in prompts], replace(params, seed=rank_seed(params.seed, rank)))
-        texts = [task.tokenizer.decode(r) for r in batch.response_ids]
+        batch = generate_decoded(engine, [p.token_ids for p in prompts], params, rank, task.tokenizer.decode)
+        texts = batch.texts
         answers = [prompts[int(g)].answer for g in batch.group_ids]
         correct, voted = task.scorer(texts, answers)
         extra = {name: check(texts, answers) for name, check in task.extra_checks.items()}

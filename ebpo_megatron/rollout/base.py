@@ -7,11 +7,13 @@ A rollout step samples G = ``n`` responses for each of P prompts; response r bel
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
 import torch
+
+from ..parallel.sharding import rank_seed
 
 
 @dataclass(frozen=True)
@@ -140,3 +142,13 @@ class RolloutEngine(abc.ABC):
     def close(self) -> None:
         """Free what the engine holds, while the process groups still exist (no-op where it
         holds nothing of its own); the engine is unusable afterwards."""
+
+
+def generate_decoded(engine: RolloutEngine, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                     rank: int, decode: Callable[[list[int]], str]) -> RolloutBatch:
+    """``engine.generate`` of one process's share of prompts, sampled with that process's seed
+    (``parallel.sharding.rank_seed(params.seed, rank)``: the same draws for a rank whichever
+    caller — trainer, evaluation, tool — asks), with every response decoded into ``texts``."""
+    batch = engine.generate([list(p) for p in prompt_token_ids], replace(params, seed=rank_seed(params.seed, rank)))
+    batch.texts = [decode(r) for r in batch.response_ids]
+    return batch

@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..atomic_file import write_text_atomic
+
 PANELS = [
     ("reward/mean", "reward"), ("eval/pass@1", "held-out pass@1"), ("actor/entropy", "entropy"),
     ("actor/grad_norm", "grad norm"), ("actor/step_kl", "per-step KL(π_t‖π_t+1)"),
@@ -58,9 +60,7 @@ class MetricsLogger:
         if not self.path.is_file():
             return
         kept = [row for row in read_metrics(self.path) if 0 < start_step and row.get("step", 0) <= start_step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def _start_wandb(self, mode: str, project: str, config: dict | None) -> Any:
         try:

@@ -1,8 +1,10 @@
 """The PPO/EBPO train step on Megatron-Core model chunks (TP, PP, DP; CPU or GPU).
 
 One call of :meth:`PolicyTrainer.train_step` on a :class:`PolicyBatch` (this DP rank's rows):
-    1. old-policy log-probs log π_old (no grad; skipped when the batch carries them) and
-       reference log-probs log π_ref (frozen reference chunks, when ``kl_coef > 0``);
+    1. old-policy log-probs log π_old (no grad; skipped when the batch carries them, and in an
+       on-policy step — one epoch, one mini-batch — where π_old = π_θ at the only update, so the
+       update's own forward gives them, detached: the same values without a forward pass of
+       their own) and reference log-probs log π_ref (frozen reference chunks, when ``kl_coef > 0``);
     2. ``ppo_epochs`` × ``mini_batches`` optimizer steps; each mini-batch is cut into
        micro-batches (fixed size, or a token budget) and run through Megatron's
        ``get_forward_backward_func`` (pipeline schedule when PP > 1);
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -225,11 +227,7 @@ class PolicyTrainer:
         outputs = self._run(chunks, micro, collect, forward_only=True)
         if not self.is_last_stage:
             return None
-        full = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=batch.loss_mask.device)
-        for idx, out in zip(rows, outputs):
-            logp = out["logp"].to(full.device)
-            full[idx, : logp.shape[1]] = logp
-        return full
+        return _assemble(batch.loss_mask, zip(rows, [out["logp"] for out in outputs]))
 
     # ----------------------------------------------------------------------- train step
     def train_step(self, batch: PolicyBatch) -> dict[str, float]:
@@ -240,9 +238,9 @@ class PolicyTrainer:
             if batch.rollout_logp is None:
                 raise ValueError("train.step.old_logp 'rollout': the batch carries no rollout log-probs")
             batch = batch.with_logps(old_logp=batch.rollout_logp)
-        elif batch.old_logp is None:
+        elif batch.old_logp is None and not self.step_cfg.on_policy:
             batch = batch.with_logps(old_logp=self.logprobs(batch))
-        mismatch = self._rollout_mismatch(batch) if self.step_cfg.old_logp == "recompute" else {}
+        old_from_update = batch.old_logp is None  # π_old: the (only) update's forward, detached
         if self.loss_cfg.kl_coef > 0 and batch.ref_logp is None:
             batch = batch.with_logps(ref_logp=self.logprobs(batch, reference=True))
         for c in self.chunks:
@@ -254,7 +252,9 @@ class PolicyTrainer:
         for _ in range(self.step_cfg.ppo_epochs):
             for rows in minibatch_slices(batch.size, self.step_cfg.mini_batches):
                 mini = batch.select(rows)
-                metrics, grad_norm = self._update(mini)
+                metrics, grad_norm, update_logp = self._update(mini)
+                if old_from_update and self.is_last_stage:  # the whole batch was the mini-batch
+                    batch = batch.with_logps(old_logp=_assemble(batch.loss_mask, update_logp))
                 updates += 1
                 grad_norms.append(grad_norm)
                 for k, v in metrics.items():
@@ -264,6 +264,7 @@ class PolicyTrainer:
         out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         out["actor/param_norm"] = self._param_norm()
+        mismatch = self._rollout_mismatch(batch) if self.step_cfg.old_logp == "recompute" else {}
         if self.step_cfg.step_kl and self.is_last_stage:
             new_logp = self.logprobs(batch)
             kl = kl_penalty(batch.old_logp, new_logp, "k3")  # KL(π_t ‖ π_{t+1}) on π_t's samples
@@ -274,7 +275,8 @@ class PolicyTrainer:
         seconds = time.perf_counter() - start
         tokens_step, = self._dp_sum(trained_tokens)
         forward_tokens, = self._dp_sum(float(batch.lengths.sum()))
-        passes = (self.step_cfg.old_logp == "recompute") + (self.loss_cfg.kl_coef > 0) + self.step_cfg.step_kl
+        passes = (self.step_cfg.old_logp == "recompute" and not old_from_update) + (self.loss_cfg.kl_coef > 0) \
+            + self.step_cfg.step_kl
         flops = 6.0 * self.num_params * tokens_step + 2.0 * self.num_params * forward_tokens * passes
         out["perf/tokens_per_s"] = tokens_step / seconds
         out["perf/tflops"] = flops / seconds / 1e12
@@ -313,10 +315,16 @@ class PolicyTrainer:
             dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.dp_group)
         return {"rollout/logp_diff_mean": total / max(count, 1.0), "rollout/logp_diff_max": float(worst)}
 
-    def _update(self, mini: PolicyBatch) -> tuple[dict[str, float], float]:
-        """One optimizer step on one mini-batch; returns (summed loss metrics, grad norm)."""
+    def _update(self, mini: PolicyBatch) -> tuple[dict[str, float], float, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One optimizer step on one mini-batch; returns (summed loss metrics, grad norm, the
+        log-probs of the update's forward (π_θ before the step, detached) as (rows of ``mini``,
+        log-probs [b, ≤ L−1]) per micro-batch on the last PP stage, else []).
+
+        Without ``mini.old_logp`` (an on-policy step) π_old is that forward's own log π,
+        detached: ratio ρ = 1 and ∇ρ = ∇log π, as with a separate forward of the same weights."""
         loss_cfg = self.loss_cfg
-        _, micro = self._microbatches(mini)
+        rows, micro = self._microbatches(mini)
+        forward_logps: list[torch.Tensor] = []  # micro-batches in schedule order
         total_tokens, total_seqs = self._dp_sum(float(mini.loss_mask.sum()), float(mini.size))
         scale = len(micro) * dist.get_world_size(self.dp_group)
         totals = {"total_tokens": max(total_tokens, 1.0), "total_seqs": total_seqs}
@@ -326,8 +334,9 @@ class PolicyTrainer:
             logp, entropy = self._token_logprobs_and_entropy(  # H: a metric unless it is a loss term
                 mb, start, logits, entropy_grad=loss_cfg.entropy_coef > 0)
             mask = mb.loss_mask.to(logp.dtype)
+            forward_logps.append(logp.detach())
             loss, stats = policy_loss(
-                logp, mb.old_logp, mb.advantages, mask,
+                logp, logp.detach() if mb.old_logp is None else mb.old_logp, mb.advantages, mask,
                 clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, agg=loss_cfg.agg,
                 dual_clip=loss_cfg.dual_clip, rollout_logp=mb.rollout_logp, tis_cap=loss_cfg.tis_cap,
                 entropy_mech=mech, norm_const=loss_cfg.norm_const, **totals,
@@ -360,4 +369,13 @@ class PolicyTrainer:
             keys = sorted(reports[0])
             local = [sum(float(r[k]) for r in reports) for k in keys]
             summed = dict(zip(keys, self._dp_sum(*local)))
-        return summed, float(grad_norm) if grad_norm is not None else float("nan")
+        return summed, float(grad_norm) if grad_norm is not None else float("nan"), list(zip(rows, forward_logps))
+
+
+def _assemble(like: torch.Tensor, pieces: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Target-aligned log-probs [B, L−1] (float32, shaped and placed as ``like``, a batch's loss
+    mask) from micro-batch pieces (row indices, log-probs [b, ≤ L−1]); 0 past a piece's length."""
+    full = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    for rows, logp in pieces:
+        full[rows, : logp.shape[1]] = logp.to(full.device, torch.float32)
+    return full

@@ -27,12 +27,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..algorithms import EBPOPrior, compute_advantages, groups_with_signal, overlong_penalty
+from ..atomic_file import write_text_atomic
 from ..config.schema import Config
 from ..config.typed import ConfigError
 from ..data.task import Task, TaskPrompt
 from ..evaluation.runner import evaluate_held_out
-from ..parallel.sharding import contiguous_shares, group_rank_size, rank_seed
-from ..rollout.base import RolloutBatch, RolloutEngine, SamplingParams
+from ..parallel.sharding import contiguous_shares, group_rank_size
+from ..rollout.base import RolloutBatch, RolloutEngine, SamplingParams, generate_decoded
 from ..rollout.weight_sync import send_weights
 from .checkpoint import checkpoint_dir, latest_checkpoint, resume_checkpoint, save_checkpoint
 from .policy_trainer import PolicyTrainer
@@ -65,8 +66,7 @@ def _dp_mean(values: dict[str, float], weights: float = 1.0) -> dict[str, float]
 
 
 def _score(batch: RolloutBatch, task: Task, prompts: list[TaskPrompt]) -> RolloutBatch:
-    """Decode ``batch`` and score it against the answers of ``prompts`` (indexed by group id)."""
-    batch.texts = [task.tokenizer.decode(r) for r in batch.response_ids]
+    """Score the decoded ``batch`` against the answers of ``prompts`` (indexed by group id)."""
     batch.answers = [prompts[int(g)].answer for g in batch.group_ids]
     scores, stats = task.reward(batch.texts, batch.answers)
     batch.rewards = torch.tensor(scores, dtype=torch.float32)
@@ -80,8 +80,7 @@ def _generate_share(engine: RolloutEngine, task: Task, prompts: list[TaskPrompt]
     scored; group ids are positions in ``prompts``."""
     rank, size = group_rank_size(group)
     part = contiguous_shares(len(prompts), size)[rank]
-    batch = engine.generate([list(p.token_ids) for p in prompts[part]],
-                            replace(params, seed=rank_seed(params.seed, rank)))
+    batch = generate_decoded(engine, [p.token_ids for p in prompts[part]], params, rank, task.tokenizer.decode)
     batch.group_ids = batch.group_ids + part.start
     return _score(batch, task, prompts)
 
@@ -156,9 +155,7 @@ class RLLoop:
     def _write_best(self) -> None:
         if self.best is not None and dist.get_rank() == 0:
             record = {**self.best, "checkpoint": str(checkpoint_dir(self.checkpoint_root, self.best["step"]))}
-            tmp = self.checkpoint_root / "BEST.tmp"
-            tmp.write_text(json.dumps(record) + "\n")
-            tmp.replace(self.checkpoint_root / "BEST")  # atomic: a kill leaves the old or the new
+            write_text_atomic(self.checkpoint_root / "BEST", json.dumps(record) + "\n")
 
     def try_resume(self) -> bool:
         if not self.config.run.resume:

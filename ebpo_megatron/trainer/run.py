@@ -164,6 +164,11 @@ def _build(config: Config) -> tuple[RLLoop, list[float], bool]:
                                     warmup_steps=config.sft.warmup_steps, min_lr=config.sft.min_lr,
                                     target_loss=config.sft.target_loss,
                                     log_every=max(config.sft.steps // 5, 1))
+    # <run>/reference/: the policy as RL starts (after the warm start) — the frozen π_ref when
+    # kl_coef > 0, and after a warm start (kept even without KL) the seed's starting point that
+    # tools/compare.py gives every arm
+    if not resuming and (config.algorithm.loss.kl_coef > 0 or config.sft.steps > 0):
+        save_model(reference_dir, chunks)
     ref_chunks = None
     if config.algorithm.loss.kl_coef > 0:
         ref_chunks = build_policy(config.model, config.parallel)
@@ -172,7 +177,6 @@ def _build(config: Config) -> tuple[RLLoop, list[float], bool]:
         else:
             for ref, chunk in zip(ref_chunks, chunks):
                 ref.load_state_dict(chunk.state_dict())
-            save_model(reference_dir, ref_chunks)
 
     trainer = PolicyTrainer(chunks, config.train.optim, config.algorithm.loss, config.train.step, ref_chunks)
     engine = build_engine(config, trainer.chunks[0].module, task.tokenizer.pad_id)
