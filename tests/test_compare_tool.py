@@ -121,3 +121,10 @@ def test_one_paired_seed_end_to_end(tmp_path):
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "[compare]" not in again.stdout
     assert mtimes == {arm: comparison.result_file(3, arm, 2).stat().st_mtime_ns for arm in runs}
+    # --resummarize rewrites each result file from its run's metrics.jsonl, running nothing
+    stale = json.loads(comparison.result_file(3, "grpo", 2).read_text())
+    comparison.result_file(3, "grpo", 2).write_text(json.dumps({k: v for k, v in stale.items() if k != "heldout_end"}))
+    redo = subprocess.run(command + ["--resummarize"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert redo.returncode == 0 and "[compare] rewrote 2 result file(s)" in redo.stdout, redo.stderr[-2000:]
+    assert json.loads(comparison.result_file(3, "grpo", 2).read_text()) == stale
+    assert stale["heldout_end"]["eval/pass@1"] == stale["pass1_end"]

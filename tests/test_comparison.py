@@ -76,7 +76,7 @@ def _rows(pass1: list[float], rewards: list[float], ebpo: bool) -> list[dict]:
         if ebpo:
             row.update({"ebpo/shrinkage": 0.3 + 0.01 * step, "ebpo/mu_glob": r / 2})
         if step == len(rewards):
-            row["eval/pass@1"] = pass1[1]
+            row.update({"eval/pass@1": pass1[1], "eval/strict_pass@1": pass1[1] / 2})
         rows.append(row)
     return rows
 
@@ -92,6 +92,8 @@ def test_run_summary_reduces_the_metrics():
     assert summary["shrinkage_mean"] == pytest.approx(np.mean([0.3 + 0.01 * s for s in range(1, 5)]))
     assert summary["mu_glob_end"] == pytest.approx(0.4)
     assert summary["pass1_curve"] == [(0, 0.3), (4, 0.5)]
+    assert summary["heldout_start"] == {"eval/pass@1": 0.3}
+    assert summary["heldout_end"] == {"eval/pass@1": 0.5, "eval/strict_pass@1": 0.25}
     grpo = run_summary(_rows([0.3, 0.4], rewards, ebpo=False))
     assert grpo["shrinkage_mean"] is None and "ebpo/shrinkage" not in grpo["curves"]
     with pytest.raises(ValueError, match="never evaluated"):

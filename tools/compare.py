@@ -5,6 +5,7 @@
     python tools/compare.py --spec examples/compare/tiny_cpu.yaml --seeds 1 2  # only these seeds
     python tools/compare.py --spec examples/compare/tiny_cpu.yaml --report     # report finished runs only
     python tools/compare.py --spec examples/compare/tiny_cpu.yaml --dry-run    # print the commands
+    python tools/compare.py --spec examples/compare/tiny_cpu.yaml --resummarize  # rewrite the result files
 
 Pairing: one seed = one warm start, one held-out set, one prompt pool, shared by every arm of that
 seed. Per seed the tool runs, each step skipped when its output exists (so it resumes):
@@ -240,9 +241,29 @@ def run_arm(comparison: Comparison, seed: int, arm: str, g: int, python: str = s
     print(f"[compare] s{seed}: {arm} G={g}", flush=True)
     if not _train(comparison, comparison.arm_overrides(seed, arm, g), run_dir / "compare.log", python):
         return False
-    summary = {"seed": seed, "arm": arm, "G": g, **run_summary(read_metrics(run_dir / "metrics.jsonl"))}
-    write_text_atomic(result, json.dumps(summary, indent=1))
+    write_result(comparison, seed, arm, g)
     return True
+
+
+def write_result(comparison: Comparison, seed: int, arm: str, g: int) -> None:
+    """The result file of a finished run: its summary, from its run directory's metrics.jsonl."""
+    run_dir = comparison.seed_dir(seed) / comparison.run_name(arm, g)
+    summary = {"seed": seed, "arm": arm, "G": g, **run_summary(read_metrics(run_dir / "metrics.jsonl"))}
+    write_text_atomic(comparison.result_file(seed, arm, g), json.dumps(summary, indent=1))
+
+
+def resummarize(comparison: Comparison, seeds: tuple[int, ...]) -> int:
+    """Rewrite the result file of every finished run whose run directory is here (after a change
+    to what a summary holds); returns how many were rewritten. Runs nothing."""
+    rewritten = 0
+    for seed in seeds:
+        for g in comparison.group_sizes:
+            for arm in comparison.arms:
+                metrics = comparison.seed_dir(seed) / comparison.run_name(arm, g) / "metrics.jsonl"
+                if comparison.result_file(seed, arm, g).is_file() and metrics.is_file():
+                    write_result(comparison, seed, arm, g)
+                    rewritten += 1
+    return rewritten
 
 
 def run_all(comparison: Comparison, seeds: tuple[int, ...], python: str = sys.executable) -> list[str]:
@@ -356,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="a subset of the spec's seeds")
     parser.add_argument("--report", action="store_true", help="only report the finished runs")
     parser.add_argument("--dry-run", action="store_true", help="print the trainer overrides of every run")
+    parser.add_argument("--resummarize", action="store_true",
+                        help="rewrite the finished runs' result files from their metrics.jsonl, then report")
     args = parser.parse_args(argv)
     try:
         comparison = load_spec(args.spec)
@@ -372,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                 for arm in comparison.arms:
                     print(f"s{seed} {arm} G={g}: " + " ".join(comparison.arm_overrides(seed, arm, g)))
         return 0
-    failed = [] if args.report else run_all(comparison, seeds)
+    if args.resummarize:
+        print(f"[compare] rewrote {resummarize(comparison, seeds)} result file(s)", flush=True)
+    failed = [] if args.report or args.resummarize else run_all(comparison, seeds)
     write_report(comparison)
     if failed:
         print(f"compare: {len(failed)} run(s) failed: {', '.join(failed)} (logs in {comparison.work_dir})",

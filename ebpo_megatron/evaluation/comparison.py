@@ -10,8 +10,10 @@ warm start from the comparison. Reported per arm (``arm_statistics``):
   its p-value, and a verdict: "better" / "worse" when the interval excludes 0, else "inconclusive".
 
 ``run_summary`` reduces one run's ``metrics.jsonl`` to the numbers compared: held-out pass@1 at
-the start and the end, reward AUC = (1/T) Σ_t r̄_t, and the means over steps of the policy
-entropy, the zero-signal fraction, S and μ_glob (the last two only for EBPO), with their curves.
+the start and the end (and every other held-out metric of those two evaluations, e.g. the
+chat-arithmetic task's strict accuracy), reward AUC = (1/T) Σ_t r̄_t, and the means over steps of
+the policy entropy, the zero-signal fraction, S and μ_glob (the last two only for EBPO), with
+their curves.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def run_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     evals = _series(rows, "eval/pass@1")
     if not evals:
         raise ValueError("metrics.jsonl has no eval/pass@1 row: the run never evaluated")
+    evaluated = [r for r in rows if "eval/pass@1" in r]
     curves = {key: _series(rows, key) for key in
               ("reward/mean", "actor/entropy", "adv/zero_signal_frac", "ebpo/shrinkage", "ebpo/mu_glob")}
     return {
@@ -43,6 +46,8 @@ def run_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "pass1_start": evals[0][1],
         "pass1_end": evals[-1][1],
         "pass1_curve": evals,
+        "heldout_start": {k: v for k, v in evaluated[0].items() if k.startswith("eval/")},
+        "heldout_end": {k: v for k, v in evaluated[-1].items() if k.startswith("eval/")},
         "reward_auc": _mean([v for _, v in curves["reward/mean"]]),
         "entropy_mean": _mean([v for _, v in curves["actor/entropy"]]),
         "zero_signal_mean": _mean([v for _, v in curves["adv/zero_signal_frac"]]),
