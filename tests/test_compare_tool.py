@@ -128,3 +128,10 @@ def test_one_paired_seed_end_to_end(tmp_path):
     assert redo.returncode == 0 and "[compare] rewrote 2 result file(s)" in redo.stdout, redo.stderr[-2000:]
     assert json.loads(comparison.result_file(3, "grpo", 2).read_text()) == stale
     assert stale["heldout_end"]["eval/pass@1"] == stale["pass1_end"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples/compare").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_specs_are_valid(path):
+    """Every examples/compare spec passes the spec checks and every trainer config it implies loads."""
+    comparison = compare.load_spec(path)
+    assert comparison.baseline in comparison.arms and comparison.seeds
