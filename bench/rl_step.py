@@ -39,7 +39,7 @@ from train_step import hf_step, make_batch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = ROOT / "runs/smollm2/hf"
 RECIPES = {
-    "fp32 + native": [],
+    "fp32 + native": ["model.precision=fp32", "train.step.old_logp=rollout"],
     "bf16 + native": ["model.precision=bf16", "train.step.old_logp=recompute"],
     "bf16 + vLLM": ["model.precision=bf16", "train.step.old_logp=recompute", "rollout.engine=vllm"],
 }

@@ -82,6 +82,7 @@ class PlanInputs:
     mean_response_tokens: float | None = None  # for FLOPs/time; None: the maximum
     ppo_epochs: int = 1
     mini_batches: int = 1
+    old_logp: str = "recompute"  # train.step.old_logp: "rollout" takes π_old from the engine
     micro_batch_size: int | None = 1
     max_tokens_per_microbatch: int | None = None
     use_distributed_optimizer: bool = True
@@ -120,6 +121,13 @@ class PlanInputs:
     @property
     def weight_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
+
+    @property
+    def old_logp_pass(self) -> bool:
+        """π_old needs a forward pass of its own: recomputed (``train.step.old_logp``) and the step
+        not on-policy (``config.training.StepConfig.on_policy``: one epoch, one mini-batch, where
+        the update's own forward gives it)."""
+        return self.old_logp == "recompute" and not (self.ppo_epochs == 1 and self.mini_batches == 1)
 
 
 # ------------------------------------------------------------------------------ parameters
@@ -538,11 +546,6 @@ class FlopsPlan:
         return self.train_seconds + self.rollout_seconds
 
 
-def on_policy(inp: PlanInputs) -> bool:
-    """One update per RL step on the whole batch (``StepConfig.on_policy``)."""
-    return inp.ppo_epochs == 1 and inp.mini_batches == 1
-
-
 def flops_plan(inp: PlanInputs, rollout: RolloutPlan | None = None) -> FlopsPlan:
     """FLOPs of one RL step (docs/planner.md, "FLOPs and time")."""
     c = count_parameters(inp, vocab=inp.padded_vocab)
@@ -556,9 +559,7 @@ def flops_plan(inp: PlanInputs, rollout: RolloutPlan | None = None) -> FlopsPlan
     forward = (2.0 * n + attn * s) * tokens
     train = inp.ppo_epochs * 3.0 * forward
     recompute = {"none": 0.0, "selective": attn * s * tokens, "full": forward}[inp.recompute] * inp.ppo_epochs
-    # π_old: a pass of its own unless the step is on-policy (one epoch, one mini-batch), where the
-    # update's forward gives it (trainer.policy_trainer)
-    passes = (not on_policy(inp)) + (inp.kl_coef > 0) + bool(inp.step_kl)
+    passes = inp.old_logp_pass + (inp.kl_coef > 0) + bool(inp.step_kl)
     logprob = passes * forward
     prefill_tokens = inp.prompts_per_step * p  # the G samples of a prompt share its prefill
     generated = seqs * r
@@ -713,7 +714,7 @@ def plan_inputs_from_config(config: Any, *, nodes: int, gpus_per_node: int, **cl
         nodes=nodes, gpus_per_node=gpus_per_node,
         prompts_per_step=data.prompts_per_step, group_size=roll.n,
         max_prompt_tokens=data.max_prompt_tokens, max_new_tokens=roll.max_new_tokens,
-        ppo_epochs=step.ppo_epochs, mini_batches=step.mini_batches,
+        ppo_epochs=step.ppo_epochs, mini_batches=step.mini_batches, old_logp=step.old_logp,
         micro_batch_size=step.micro_batch_size, max_tokens_per_microbatch=step.max_tokens_per_microbatch,
         use_distributed_optimizer=config.train.optim.use_distributed_optimizer,
         kl_coef=loss.kl_coef, step_kl=bool(getattr(step, "step_kl", True)),
@@ -822,7 +823,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
     add(f"  waves            {rp.waves} ({rp.sequences_per_engine} sequences per engine)")
     add("")
     add(f"FLOPs per RL step (PFLOP)   at {i.mfu:.0%} of {i.peak_tflops:g} TFLOP/s x {plan.world_size} GPUs")
-    passes = ", ".join(name for name, counted in (("old", not on_policy(i)), ("reference", i.kl_coef > 0),
+    passes = ", ".join(name for name, counted in (("old", i.old_logp_pass), ("reference", i.kl_coef > 0),
                                                   ("step KL", i.step_kl)) if counted)
     for label, value, extra in (
         (f"train (6N + attn) x {i.ppo_epochs} ep", fl.train, f"{fl.train_tokens:,.0f} tokens"),

@@ -206,6 +206,8 @@ def test_flops_per_step_by_hand():
     assert no_kl.logprob_passes == 1
     # on-policy (one mini-batch, one epoch): π_old comes from the update's own forward
     assert flops_plan(dataclasses.replace(inp, kl_coef=0.0, step_kl=False, mini_batches=1)).logprob_passes == 0
+    # π_old from the rollout engine (train.step.old_logp: rollout): no pass of the trainer's
+    assert flops_plan(dataclasses.replace(inp, kl_coef=0.0, step_kl=False, old_logp="rollout")).logprob_passes == 0
     short = flops_plan(dataclasses.replace(inp, mean_response_tokens=1000))
     assert short.train_tokens == 2048 * (1024 + 1000)
 

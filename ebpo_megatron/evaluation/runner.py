@@ -171,10 +171,9 @@ def evaluate_benchmarks(engine: RolloutEngine, task: EvalTask, benchmarks: Seque
 
     def share(prompts: list[TaskPrompt], _first: int, rank: int) -> list[ProblemResult]:
         batch = generate_decoded(engine, [p.token_ids for p in prompts], params, rank, task.tokenizer.decode)
-        texts = batch.texts
         answers = [prompts[int(g)].answer for g in batch.group_ids]
-        correct, voted = task.scorer(texts, answers)
-        extra = {name: check(texts, answers) for name, check in task.extra_checks.items()}
+        correct, voted = task.scorer(batch.texts, answers)
+        extra = {name: check(batch.texts, answers) for name, check in task.extra_checks.items()}
         k = settings.k
         return [ProblemResult(p.uid, correct[i * k:(i + 1) * k], voted[i * k:(i + 1) * k], p.topic,
                               {name: flags[i * k:(i + 1) * k] for name, flags in extra.items()})

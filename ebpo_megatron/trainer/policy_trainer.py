@@ -316,9 +316,10 @@ class PolicyTrainer:
         return {"rollout/logp_diff_mean": total / max(count, 1.0), "rollout/logp_diff_max": float(worst)}
 
     def _update(self, mini: PolicyBatch) -> tuple[dict[str, float], float, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """One optimizer step on one mini-batch; returns (summed loss metrics, grad norm, the
-        log-probs of the update's forward (π_θ before the step, detached) as (rows of ``mini``,
-        log-probs [b, ≤ L−1]) per micro-batch on the last PP stage, else []).
+        """One optimizer step on one mini-batch; returns (summed loss metrics, grad norm, and when
+        ``mini`` carries no π_old the log-probs of the update's forward (π_θ before the step,
+        detached) as (rows of ``mini``, log-probs [b, ≤ L−1]) per micro-batch on the last PP
+        stage, else []).
 
         Without ``mini.old_logp`` (an on-policy step) π_old is that forward's own log π,
         detached: ratio ρ = 1 and ∇ρ = ∇log π, as with a separate forward of the same weights."""
@@ -334,7 +335,8 @@ class PolicyTrainer:
             logp, entropy = self._token_logprobs_and_entropy(  # H: a metric unless it is a loss term
                 mb, start, logits, entropy_grad=loss_cfg.entropy_coef > 0)
             mask = mb.loss_mask.to(logp.dtype)
-            forward_logps.append(logp.detach())
+            if mb.old_logp is None:
+                forward_logps.append(logp.detach())
             loss, stats = policy_loss(
                 logp, logp.detach() if mb.old_logp is None else mb.old_logp, mb.advantages, mask,
                 clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, agg=loss_cfg.agg,
