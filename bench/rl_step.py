@@ -1,8 +1,9 @@
 """The whole RL step (rollout P prompts x G, reward, advantages, train step: ``RLLoop.run_step``)
 for the CPU recipes side by side in one process, taking turns over ``--rounds``:
 
-    fp32 + native   today's recipe (the example config's settings)
-    bf16 + native   model.precision bf16, pi_old recomputed, truncated IS on (tis_cap auto)
+    fp32 + native   model.precision fp32, pi_old = the rollout's log-probs (the issue's "today")
+    bf16 + native   model.precision bf16, pi_old recomputed, truncated IS on (tis_cap auto):
+                    examples/smollm2_arith_cpu.yaml's recipe
     bf16 + vLLM     the same with rollout.engine vllm (only where vllm imports: .venv-vllm),
                     weights synced every step, without the sync probe (rollout.vllm.sync_check)
 
