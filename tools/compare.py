@@ -25,7 +25,8 @@ seed. Per seed the tool runs, each step skipped when its output exists (so it re
 
 The report (``<results_dir>/report.md``, ``report.json``, ``<name>.png``): per G and arm, final
 held-out pass@1 mean and 95% CI over seeds, the paired difference to the baseline arm with its 95%
-CI, p-value and verdict, reward AUC, mean entropy, zero-signal fraction, S and μ_glob.
+CI, p-value and verdict, reward AUC, mean entropy, zero-signal fraction, S and μ_glob; and the
+paired difference of every pair of arms listed under ``contrasts``.
 
 Spec (YAML; paths relative to the repository root)::
 
@@ -39,6 +40,7 @@ Spec (YAML; paths relative to the repository root)::
     overrides: {run.torch_threads: 2}       # every run, warm start included
     baseline: grpo
     arms: {grpo: {algorithm.estimator: grpo}, ebpo_naive: {algorithm.estimator: ebpo, data.order: random}}
+    contrasts: [[ebpo_naive, grpo]]         # optional: arm - other, paired, besides the baseline
     difficulty: {samples: 16, temperature: 1.0}
 
 Exit status: 0 done, 1 a run failed (the others still ran), 2 a bad spec or arguments.
@@ -61,11 +63,11 @@ sys.path.insert(0, str(ROOT))
 from ebpo_megatron.atomic_file import write_text_atomic
 from ebpo_megatron.config.schema import load_config
 from ebpo_megatron.config.typed import ConfigError, load_yaml
-from ebpo_megatron.evaluation.comparison import arm_statistics, run_summary
+from ebpo_megatron.evaluation.comparison import arm_statistics, paired_contrast, run_summary
 from ebpo_megatron.trainer.metrics_log import read_metrics
 
 SPEC_KEYS = {"name", "base_config", "work_dir", "results_dir", "seeds", "group_sizes", "responses_per_step",
-             "overrides", "baseline", "arms", "difficulty"}
+             "overrides", "baseline", "arms", "difficulty", "contrasts"}
 # keys the tool sets for every run; neither the spec's overrides nor an arm may set them
 TOOL_KEYS = {"run.seed", "run.name", "run.output_dir", "model.checkpoint", "rollout.n",
              "data.prompts_per_step", "data.difficulty_file", "run.resume"}
@@ -92,6 +94,7 @@ class Comparison:
     arms: dict[str, dict[str, Any]]
     difficulty_samples: int = 16
     difficulty_temperature: float = 1.0
+    contrasts: tuple[tuple[str, str], ...] = ()  # (arm, other): arm − other, paired, in the report
 
     # ----------------------------------------------------------------- where things are
     def seed_dir(self, seed: int) -> Path:
@@ -172,6 +175,11 @@ def parse_spec(data: Any) -> Comparison:
     responses = data["responses_per_step"]
     if not isinstance(responses, int) or any(responses % g for g in groups):
         raise SpecError(f"responses_per_step: expected an integer divisible by every G {groups}, got {responses}")
+    contrasts = data.get("contrasts") or []
+    if not isinstance(contrasts, list) or not all(
+            isinstance(c, list) and len(c) == 2 and c[0] != c[1] and set(c) <= set(arms) for c in contrasts):
+        raise SpecError(f"contrasts: expected a list of [arm, other] pairs of two different arms of "
+                        f"{sorted(arms)}, got {contrasts!r}")
     difficulty = data.get("difficulty") or {}
     comparison = Comparison(
         name=str(data["name"]), base_config=_resolve(data["base_config"]), work_dir=_resolve(data["work_dir"]),
@@ -179,7 +187,8 @@ def parse_spec(data: Any) -> Comparison:
         responses_per_step=responses, overrides=dict(overrides), baseline=str(data["baseline"]),
         arms={str(k): dict(v) for k, v in arms.items()},
         difficulty_samples=int(difficulty.get("samples", 16)),
-        difficulty_temperature=float(difficulty.get("temperature", 1.0)))
+        difficulty_temperature=float(difficulty.get("temperature", 1.0)),
+        contrasts=tuple((str(a), str(b)) for a, b in contrasts))
     seed = comparison.seeds[0]
     try:
         load_config(comparison.base_config, comparison.warm_overrides(seed))
@@ -302,7 +311,29 @@ def _num(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def report_markdown(comparison: Comparison, stats: dict[int, dict[str, dict[str, Any]]]) -> str:
+def _difference(d: dict[str, Any]) -> str:
+    """A paired difference in points: mean (95% CI)."""
+    return f"{100 * d['mean']:+.1f} ({100 * d['low']:+.1f}, {100 * d['high']:+.1f})"
+
+
+def _p(d: dict[str, Any]) -> str:
+    return "—" if d["p_value"] is None else f"{d['p_value']:.3f}"
+
+
+def contrast_statistics(comparison: Comparison, results: dict[int, dict[str, dict[int, dict[str, Any]]]]
+                        ) -> dict[int, list[dict[str, Any]]]:
+    """``contrasts[G]``: per spec contrast whose two arms share a finished seed, arm − other."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for g, arms in results.items():
+        for arm, other in comparison.contrasts:
+            found = paired_contrast(arms.get(arm, {}), arms.get(other, {}))
+            if found is not None:
+                out.setdefault(g, []).append({"arm": arm, "other": other, **found})
+    return out
+
+
+def report_markdown(comparison: Comparison, stats: dict[int, dict[str, dict[str, Any]]],
+                    contrasts: dict[int, list[dict[str, Any]]] | None = None) -> str:
     lines = [f"Held-out pass@1 (%) at the end of RL; 95% CIs over paired seeds; paired difference to "
              f"{comparison.baseline} at the same G.", "",
              "| G | arm | seeds | start | end (95% CI) | Δ vs " + comparison.baseline
@@ -312,14 +343,19 @@ def report_markdown(comparison: Comparison, stats: dict[int, dict[str, dict[str,
         for arm, s in arms.items():
             end = s["pass1_end"]
             vs = s.get("vs_baseline")
-            delta = "—" if vs is None else f"{100 * vs['mean']:+.1f} ({100 * vs['low']:+.1f}, {100 * vs['high']:+.1f})"
-            pvalue = "—" if vs is None or vs["p_value"] is None else f"{vs['p_value']:.3f}"
+            delta = "—" if vs is None else _difference(vs)
+            pvalue = "—" if vs is None else _p(vs)
             lines.append(
                 f"| {g} | {arm} | {end['n']} | {_pct(s['pass1_start'])} | {100 * end['mean']:.1f} "
                 f"({100 * end['low']:.1f}, {100 * end['high']:.1f}) | {delta} | {pvalue} | "
                 f"{'—' if vs is None else vs['verdict']} | {_pct(s['reward_auc'])} | "
                 f"{_num(s['entropy_mean'])} | {_pct(s['zero_signal_mean'])} | {_num(s['shrinkage_mean'])} | "
                 f"{_pct(s['mu_glob_end'])} |")
+    if contrasts:
+        lines += ["", "Paired contrasts: held-out pass@1 of arm − other at the end (points), over the seeds both "
+                  "finished.", "", "| G | arm − other | seeds | Δ (95% CI) | p | verdict |", "|---|---|---|---|---|---|"]
+        lines += [f"| {g} | {c['arm']} − {c['other']} | {c['n']} | {_difference(c)} | {_p(c)} | {c['verdict']} |"
+                  for g, found in contrasts.items() for c in found]
     return "\n".join(lines) + "\n"
 
 
@@ -361,9 +397,13 @@ def plot(comparison: Comparison, results: dict[int, dict[str, dict[int, dict[str
 def write_report(comparison: Comparison) -> Path:
     results = load_results(comparison)
     stats = {g: arm_statistics(arms, comparison.baseline) for g, arms in results.items() if arms}
+    contrasts = contrast_statistics(comparison, results)
     comparison.results_dir.mkdir(parents=True, exist_ok=True)
-    (comparison.results_dir / "report.json").write_text(json.dumps({str(g): s for g, s in stats.items()}, indent=1))
-    markdown = report_markdown(comparison, stats)
+    report = {str(g): s for g, s in stats.items()}
+    if contrasts:
+        report["contrasts"] = {str(g): found for g, found in contrasts.items()}
+    (comparison.results_dir / "report.json").write_text(json.dumps(report, indent=1))
+    markdown = report_markdown(comparison, stats, contrasts)
     (comparison.results_dir / "report.md").write_text(markdown)
     if stats:
         plot(comparison, results, comparison.results_dir / f"{comparison.name}.png")

@@ -9,6 +9,9 @@ warm start from the comparison. Reported per arm (``arm_statistics``):
 * the paired difference to the baseline, d̄ ± t_{0.975, n−1} · sd(d)/√n (``scipy.stats.ttest_rel``),
   its p-value, and a verdict: "better" / "worse" when the interval excludes 0, else "inconclusive".
 
+``paired_contrast`` gives the same paired difference between any two arms (e.g. EBPO-topic vs
+GRPO-topic, which isolates the estimator under one data order).
+
 ``run_summary`` reduces one run's ``metrics.jsonl`` to the numbers compared: held-out pass@1 at
 the start and the end (and every other held-out metric of those two evaluations, e.g. the
 chat-arithmetic task's strict accuracy), reward AUC = (1/T) Σ_t r̄_t, and the means over steps of
@@ -122,11 +125,20 @@ def arm_statistics(results: dict[str, dict[int, dict[str, Any]]], baseline: str,
         for key in ("pass1_start", "reward_auc", "entropy_mean", "zero_signal_mean", "shrinkage_mean", "mu_glob_end"):
             values = [by_seed[s][key] for s in seeds if by_seed[s].get(key) is not None]
             entry[key] = _mean(values)
-        if arm != baseline:
-            paired = [s for s in seeds if s in base]
-            if paired:
-                diff, pvalue = paired_difference([by_seed[s][metric] for s in paired],
-                                                 [base[s][metric] for s in paired])
-                entry["vs_baseline"] = {**diff.as_dict(), "p_value": pvalue, "verdict": verdict(diff)}
+        contrast = paired_contrast(by_seed, base, metric) if arm != baseline else None
+        if contrast is not None:
+            entry["vs_baseline"] = contrast
         out[arm] = entry
     return out
+
+
+def paired_contrast(arm: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]],
+                    metric: str = "pass1_end") -> dict[str, Any] | None:
+    """d_s = y_{arm,s} − y_{other,s} over the seeds both finished: d̄ with its 95% interval
+    (``Interval.as_dict``), the paired t-test's p-value and the verdict; None without a shared
+    seed. ``arm[seed]`` and ``other[seed]`` are run summaries."""
+    paired = sorted(set(arm) & set(other))
+    if not paired:
+        return None
+    diff, pvalue = paired_difference([arm[s][metric] for s in paired], [other[s][metric] for s in paired])
+    return {**diff.as_dict(), "p_value": pvalue, "verdict": verdict(diff)}
