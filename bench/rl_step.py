@@ -1,8 +1,10 @@
 """The whole RL step (rollout P prompts x G, reward, advantages, train step: ``RLLoop.run_step``)
 for the CPU recipes side by side in one process, taking turns over ``--rounds``:
 
-    fp32 + native   model.precision fp32, pi_old = the rollout's log-probs (the issue's "today")
-    bf16 + native   model.precision bf16, pi_old recomputed, truncated IS on (tis_cap auto):
+    fp32 + native   model.precision fp32, pi_old = the rollout's log-probs, one row per response
+                    (no shared prompts): the issue's "today"
+    bf16 + native   model.precision bf16, pi_old recomputed, truncated IS on (tis_cap auto), the G
+                    responses to a prompt in one row (share_prompts auto):
                     examples/smollm2_arith_cpu.yaml's recipe
     bf16 + vLLM     the same with rollout.engine vllm (only where vllm imports: .venv-vllm),
                     weights synced every step, without the sync probe (rollout.vllm.sync_check)
@@ -40,7 +42,7 @@ from train_step import hf_step, make_batch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = ROOT / "runs/smollm2/hf"
 RECIPES = {
-    "fp32 + native": ["model.precision=fp32", "train.step.old_logp=rollout"],
+    "fp32 + native": ["model.precision=fp32", "train.step.old_logp=rollout", "train.step.share_prompts=false"],
     "bf16 + native": ["model.precision=bf16", "train.step.old_logp=recompute"],
     "bf16 + vLLM": ["model.precision=bf16", "train.step.old_logp=recompute", "rollout.engine=vllm"],
 }

@@ -150,6 +150,9 @@ class VLLMConfig:
     # after every sync, vLLM's log-probs of a fixed probe sequence must match the trainer's
     # (rollout/sync_check.py): an engine computing with other weights is an error, not garbage
     sync_check: bool = True
+    # KV-cache block size in tokens; None: 32 on CPU (faster than vLLM's 128 for short RL
+    # sequences, rollout/vllm_setup.py), vLLM's default on GPUs
+    block_size: int | None = None
 
 
 @dataclass

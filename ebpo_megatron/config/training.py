@@ -86,6 +86,11 @@ class StepConfig:
     # "rollout" (the engine's sampling log-probs; saves that pass when the engine computes the
     # same distribution, e.g. the native engine in fp32, at the cost of the mismatch metric)
     old_logp: Literal["recompute", "rollout"] = "recompute"
+    # the G responses to a prompt in one row of a micro-batch, the prompt computed once
+    # (models.prompt_sharing; the same loss and gradient): "auto" = where the model's attention
+    # takes the packed rows' mask (the local layer spec on CPU, SDPA) and the sequence is not
+    # split over ranks; true: the same, an error where it cannot; false: one row per response
+    share_prompts: bool | Literal["auto"] = "auto"
 
     @property
     def on_policy(self) -> bool:

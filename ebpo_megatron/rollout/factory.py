@@ -43,12 +43,13 @@ def vllm_engine(config: Config) -> RolloutEngine:
     """One colocated ``VLLMEngine`` per process for ``config.model`` (``rollout.vllm`` settings)."""
     from .vllm_engine import VLLMEngine
 
+    block_size = {} if config.rollout.vllm.block_size is None else {"block_size": config.rollout.vllm.block_size}
     return VLLMEngine.from_config(
         config.rollout.vllm, vllm_model_dir(config), seed=config.run.seed,
         dtype="float32" if config.model.precision == "fp32" else "bfloat16",
         max_model_len=config.model.max_position_embeddings,
         gather_prompts=config.rollout.vllm.tensor_parallel > 1,
-        engine_kwargs={"skip_tokenizer_init": True})
+        engine_kwargs={"skip_tokenizer_init": True, **block_size})
 
 
 def build_engine(config: Config, model: torch.nn.Module, pad_token_id: int) -> RolloutEngine:

@@ -60,7 +60,8 @@ from .base import RolloutBatch, RolloutEngine, SamplingParams
 from .buckets import iter_buckets
 from .process_state import preserved_process_state
 from .sync_check import SyncProbe, probe_max_diff
-from .vllm_setup import VLLM_CPU_HINT, VLLM_GPU_HINT, set_cpu_defaults, set_launcher_env, vllm_platform
+from .vllm_setup import (CPU_BLOCK_SIZE, VLLM_CPU_HINT, VLLM_GPU_HINT, set_cpu_defaults, set_launcher_env,
+                         vllm_platform)
 
 MIN_VLLM_VERSION = (0, 10, 2)
 LOGPROBS_MODE = "processed_logprobs"  # log-probs after temperature (and top-k/top-p), see docs
@@ -235,6 +236,8 @@ class _VLLMBackend:
             enforce_eager=platform.device_type == "cpu" if enforce_eager is None else enforce_eager,
             load_format=load_format, dtype=dtype, seed=seed, logprobs_mode=self._logprobs_mode(),
         )
+        if platform.device_type == "cpu":  # engine_kwargs or rollout.vllm.block_size may override it
+            kwargs["block_size"] = CPU_BLOCK_SIZE
         if platform.sleep_mode:  # elsewhere vLLM refuses the flag ("not supported on current platform")
             kwargs["enable_sleep_mode"] = True
         if max_model_len is not None:

