@@ -18,7 +18,8 @@ from mp_utils import run_ranks
 CFG = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                   num_kv_heads=2, vocab_size=60, max_position_embeddings=64)
 # (prompt length, response lengths): groups of unequal size and length, one empty response
-GROUPS = [(5, [4, 6, 1]), (7, [6, 0, 3, 5]), (4, [2]), (6, [5, 5])]
+# (the last: an empty response whose prompt ends before the first response position of the others)
+GROUPS = [(5, [4, 6, 1]), (7, [6, 0, 3, 5]), (4, [2]), (6, [5, 5]), (3, [0])]
 
 
 def grouped_batch(seed: int = 3):
@@ -44,6 +45,7 @@ def test_each_packed_response_sees_exactly_its_own_prefix():
     own position shifted by one constant (RoPE sees position differences only)."""
     batch = grouped_batch()
     start = batch.response_start()
+    assert start > int(batch.prompt_lengths.min()) - 1  # the empty response's prompt ends before it
     packed = pack_shared_prompts(batch.tokens, batch.lengths, batch.prompt_lengths, start)
     assert packed is not None and packed.tokens.shape[0] == len(GROUPS)
     checked = 0
@@ -78,8 +80,10 @@ def test_padding_queries_see_only_themselves_and_distinct_prompts_are_not_packed
     for g in range(len(GROUPS)):  # no real query sees a padding key
         real = (~padding[g]).nonzero().flatten()
         assert not (keep[g][real][:, padding[g]]).any()
-    single = batch.select(torch.tensor([0, 3, 7, 8]))  # one row of each prompt
+    single = batch.select(torch.tensor([0, 3, 7, 8, 10]))  # one row of each prompt
     assert pack_shared_prompts(single.tokens, single.lengths, single.prompt_lengths, 0) is None
+    with pytest.raises(ValueError, match="start 5 lies past the first response position"):
+        pack_shared_prompts(batch.tokens, batch.lengths, batch.prompt_lengths, 5)
 
 
 def test_share_prompts_setting_is_resolved_against_the_model():
@@ -136,9 +140,9 @@ def _step(rank, world, tp, pp, micro, share):
 
     policy_trainer.pack_shared_prompts = counting_pack
     batch = grouped_batch()
-    if parallel_state.get_data_parallel_world_size() > 1:  # whole groups per rank: rows 0-6 | 7-9
+    if parallel_state.get_data_parallel_world_size() > 1:  # whole groups per rank: rows 0-6 | 7-10
         dp_rank = parallel_state.get_data_parallel_rank()
-        batch = batch.select(slice(0, 7) if dp_rank == 0 else slice(7, 10))
+        batch = batch.select(slice(0, 7) if dp_rank == 0 else slice(7, 11))
     before = trainer.logprobs(batch)
     metrics = trainer.train_step(batch)
     return {"metrics": metrics, "weights": full_weights(trainer.chunks), "logp": before,
@@ -155,10 +159,10 @@ def run(world, tp, pp, micro, share):
 
 @pytest.fixture(scope="module")
 def plain():
-    return run(1, 1, 1, 10, False)
+    return run(1, 1, 1, 11, False)
 
 
-@pytest.mark.parametrize("world,tp,pp,micro", [(1, 1, 1, 10), (1, 1, 1, 4), (2, 1, 2, 7), (2, 2, 1, 10),
+@pytest.mark.parametrize("world,tp,pp,micro", [(1, 1, 1, 11), (1, 1, 1, 4), (2, 1, 2, 7), (2, 2, 1, 11),
                                                (2, 1, 1, 7)], ids=["single", "micro4", "PP2", "TP2", "DP2"])
 def test_packed_step_equals_one_row_per_response(plain, world, tp, pp, micro):
     """Log-probs before the step, the step's metrics (loss, truncated IS against the rollout's

@@ -66,14 +66,14 @@ def pack_shared_prompts(tokens: torch.Tensor, lengths: torch.Tensor, prompt_leng
                         start: int, pad_id: int = 0) -> PackedRows | None:
     """The packed layout of a micro-batch (``tokens`` [b, L], right-padded rows of prompt ⧺
     response, ``lengths`` and ``prompt_lengths`` [b]); None when no two rows share a prompt
-    (nothing to save). ``start`` (≤ every row's p_b − 1): the first plain-layout position whose
-    logits the caller needs."""
+    (nothing to save). ``start`` (≤ p_b − 1 of every row with a response): the first plain-layout
+    position whose logits the caller needs."""
     prompt_lengths = prompt_lengths.to(torch.long).cpu()
     lengths = lengths.to(torch.long).cpu()
     if bool((prompt_lengths < 1).any()) or bool((lengths < prompt_lengths).any()):
         raise ValueError("prompt sharing: every row needs 1 <= prompt length <= length")
-    if start > int(prompt_lengths.min()) - 1:
-        raise ValueError(f"prompt sharing: start {start} lies past a row's last prompt position")
+    if bool(((prompt_lengths - 1 < start) & (lengths > prompt_lengths)).any()):
+        raise ValueError(f"prompt sharing: start {start} lies past the first response position of a row")
     host_tokens = tokens.cpu()
     groups = prompt_groups(host_tokens, prompt_lengths)
     if len(groups) == len(host_tokens):
@@ -102,10 +102,9 @@ def pack_shared_prompts(tokens: torch.Tensor, lengths: torch.Tensor, prompt_leng
             packed[g, first: first + response] = host_tokens[b, prompt: prompt + response]
             real[g, first: first + response] = True
             gather_row[b] = g
-            # plain position prompt − 1 + j predicts response token j: packed P − 1 for j = 0,
-            # else the segment's position j − 1
-            predicting = first - 1 + torch.arange(1, max(response, 1))
-            gather_position[b, prompt - start: prompt - start + response - 1] = predicting
+            if response > 1:  # plain position prompt − 1 + j predicts response token j: packed
+                # P − 1 (the default) for j = 0, else the segment's position j − 1
+                gather_position[b, prompt - start: prompt - start + response - 1] = first + torch.arange(response - 1)
 
     query_segment, key_segment = segment[:, None], segment[None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
