@@ -109,3 +109,47 @@ def test_tensor_parallel_ranks_sample_the_same_tokens_as_one_process(single):
     assert results[0]["sampled"] == results[1]["sampled"]
     assert results[0]["greedy_tokens"] == single["greedy_tokens"]
     assert results[0]["greedy_mismatches"] == 0 and results[0]["logp_gap"] < 1e-4
+
+
+def _bf16_cache_runs(rank, world):
+    """Sampled responses of a bf16 model with the float32 KV cache, and with the cache in bf16
+    (the cast switched off by hiding SDPACoreAttention from rotated_key_cache)."""
+    import dataclasses
+
+    from ebpo_megatron.models import build_policy, rotated_key_cache
+    from ebpo_megatron.parallel import ParallelConfig, cpu_compat, initialize
+    from ebpo_megatron.rollout.base import SamplingParams
+    from ebpo_megatron.rollout.native_engine import NativeEngine
+
+    cfg = dataclasses.replace(CFG, precision="bf16")
+    initialize(ParallelConfig(), cfg)
+    cpu_compat.set_seed(0)
+    model = build_policy(cfg, ParallelConfig())[0]
+    engine = NativeEngine(model, pad_token_id=0, max_sequence_length=cfg.max_position_embeddings)
+    params = SamplingParams(n=3, temperature=0.8, max_new_tokens=10, seed=4)
+    cached_dtypes = []
+    allocate = type(model.decoder.layers[0].self_attention)._allocate_memory
+
+    def spy(self, *args, **kwargs):
+        memory = allocate(self, *args, **kwargs)
+        cached_dtypes.append(memory.dtype)
+        return memory
+
+    type(model.decoder.layers[0].self_attention)._allocate_memory = spy
+    fp32_cache = engine.generate(PROMPTS, params)
+    rotated_key_cache.SDPACoreAttention = type("NotTheCoreAttention", (), {})
+    bf16_cache = engine.generate(PROMPTS, params)
+    return {"dtypes": cached_dtypes, "runs": [(r.response_ids, r.logprobs) for r in (fp32_cache, bf16_cache)]}
+
+
+def test_bf16_model_caches_keys_and_values_in_float32_with_the_same_samples():
+    """On the CPU the bf16 model's attention runs in float32 (SDPACoreAttention), so the cache
+    holds the rotated keys and the values in float32: the same responses and log-probs as a bf16
+    cache whose prefix is cast at every step."""
+    out = run_ranks(_bf16_cache_runs, 1)[0]
+    layers = CFG.num_layers
+    assert out["dtypes"][: 2 * layers] == [torch.float32] * (2 * layers)
+    assert out["dtypes"][2 * layers:] == [torch.bfloat16] * (2 * layers)
+    (tokens, logps), (tokens_bf16, logps_bf16) = out["runs"]
+    assert tokens == tokens_bf16 and logps == logps_bf16
+    assert sum(len(r) for r in tokens) > 20
