@@ -4,8 +4,6 @@ micro-batches that split a group)."""
 
 from __future__ import annotations
 
-import dataclasses
-import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 from ebpo_megatron.models import ModelConfig
 from ebpo_megatron.models.prompt_sharing import pack_shared_prompts, resolve_share_prompts
 from mp_utils import run_ranks
+from test_policy_trainer import full_init
 
 CFG = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                   num_kv_heads=2, vocab_size=60, max_position_embeddings=64)
@@ -65,16 +64,15 @@ def test_padding_queries_see_only_themselves_and_distinct_prompts_are_not_packed
     batch = grouped_batch()
     packed = pack_shared_prompts(batch.tokens, batch.lengths, batch.prompt_lengths, batch.response_start())
     keep = ~packed.attention_mask[:, 0]
+    prompt_width = max(p for p, _ in GROUPS)
+    response_width = max(n for _, r in GROUPS for n in r)
+    assert packed.tokens.shape[1] == prompt_width + 4 * response_width  # the largest group has 4
     padding = packed.tokens.new_ones(packed.tokens.shape, dtype=torch.bool)
     for g, (prompt_len, response_lens) in enumerate(GROUPS):
-        width = packed.tokens.shape[1]
-        prompt_width = max(p for p, _ in GROUPS)
-        response_width = max(n for _, r in GROUPS for n in r)
         padding[g, prompt_width - prompt_len: prompt_width] = False
         for slot, n in enumerate(response_lens):
             first = prompt_width + slot * response_width
             padding[g, first: first + n] = False
-        assert width == prompt_width + 4 * response_width
     for g, i in padding.nonzero().tolist():
         assert keep[g, i].nonzero().flatten().tolist() == [i]
     for g in range(len(GROUPS)):  # no real query sees a padding key
@@ -103,12 +101,6 @@ def test_share_prompts_setting_is_resolved_against_the_model():
         resolve_share_prompts(True, model)
 
 
-def full_init(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    return 1.0 + 0.1 * torch.randn(shape, generator=g) if name.endswith("norm.weight") \
-        else 0.05 * torch.randn(shape, generator=g)
-
-
 def _step(rank, world, tp, pp, micro, share):
     from megatron.core import parallel_state
 
@@ -125,7 +117,7 @@ def _step(rank, world, tp, pp, micro, share):
     cpu_compat.set_seed(0)
     chunks = build_policy(CFG, parallel)
     shapes = {n: tuple(t.shape) for n, t in full_weights(chunks).items()}
-    assign_full_weights(chunks, lambda n: full_init(n, shapes[n]))
+    assign_full_weights(chunks, lambda n: full_init(n, shapes))
     trainer = PolicyTrainer(
         chunks, OptimConfig(lr=1e-3, adam_eps=1e-3, weight_decay=0.01, clip_grad=1.0),
         LossConfig(kl_coef=0.0, agg="token-mean", tis_cap=1.5, entropy_coef=0.01),
