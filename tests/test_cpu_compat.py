@@ -137,6 +137,14 @@ def test_sdpa_core_attention_training_decode_chunked_and_padding() -> None:
     got = attention(q, k, v, attention_mask=masked)
     check(got, reference_attention(q, k, v, ~masked))
     assert torch.isfinite(got).all() and got[:2, 0].abs().max() == 0
+    # decode with the padding mask the native engine passes ([b, 1, 1, s_k], grouped products);
+    # a sequence whose keys are all masked gets 0
+    step_mask = pad[:, None, None, :].clone()
+    check(attention(q[-1:], k, v, attention_mask=step_mask), reference_attention(q[-1:], k, v, ~step_mask))
+    step_mask[1] = True
+    blind = attention(q[-1:], k, v, attention_mask=step_mask)
+    check(blind, reference_attention(q[-1:], k, v, ~step_mask))
+    assert blind[:, 1].abs().max() == 0
 
 
 def test_sdpa_core_attention_backward_matches_reference() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ebpo_megatron.rollout.base import SamplingParams
-from ebpo_megatron.rollout.sampling import filter_logits, sample_tokens
+from ebpo_megatron.rollout.sampling import DRAW_BLOCK, draw, filter_logits, sample_tokens
 
 PROBS = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], dtype=torch.float64)
 LOGITS = PROBS.log().float()
@@ -78,6 +78,24 @@ def test_greedy_and_seeded_reproducibility():
     a = sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=torch.Generator().manual_seed(5))
     b = sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("vocab", [6, DRAW_BLOCK, DRAW_BLOCK + 1, 8000, 49152])
+def test_two_level_draw_is_the_inversion_of_the_full_cdf(vocab):
+    """The block-wise inversion picks, for the same uniform, the token of the textbook one (the
+    first v whose float64 cumulative probability exceeds U·C_V), and never a token of
+    probability 0: every 7th token is masked out and so is all of block 1 when there is one."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(2000, vocab, generator=g) * 3
+    logits[:, ::7] = float("-inf")
+    logits[:, DRAW_BLOCK: 2 * DRAW_BLOCK] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    got = draw(probs, torch.Generator().manual_seed(1))
+    cdf = probs.double().cumsum(-1)
+    uniform = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1)
+    assert torch.equal(got, want)
+    assert bool((probs.gather(1, got[:, None]) > 0).all())
 
 
 def test_filter_keeps_the_token_that_crosses_top_p():

@@ -137,6 +137,18 @@ def layer_spec(model: ModelConfig):
     return spec
 
 
+def _norms_in_params_dtype(chunk: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give the local spec's norm weights (``torch.nn.RMSNorm`` / ``LayerNorm``, which Megatron's
+    ``WrappedTorchNorm`` builds in float32 whatever ``params_dtype`` says) the parameters' dtype,
+    as Megatron's ``Float16Module`` does for a bf16 model on GPUs (``module.bfloat16()``) and
+    Transformer Engine's norms are built. A bf16 activation with a float32 weight also misses
+    PyTorch's fused ``rms_norm`` kernel (an upcast, five elementwise ops and a downcast per norm);
+    the optimizer keeps float32 main copies of these weights like of every other bf16 one."""
+    for module in chunk.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(dtype)
+
+
 def _apply_rope_scaling(chunk: torch.nn.Module, model: ModelConfig) -> None:
     """Re-derive the scaled frequencies when the scaling differs from Megatron's fixed 1/4/8192."""
     scaling = model.rope_scaling
@@ -165,6 +177,7 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.
     """
     from megatron.core import parallel_state
 
+    from .no_grad_linear import use_no_grad_output_layer
     from .policy_model import PolicyGPTModel
     from .swiglu_mlp import use_swiglu_mlp
 
@@ -190,6 +203,8 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig) -> list[torch.nn.
         )
         _apply_rope_scaling(chunk, model)
         use_swiglu_mlp(chunk)  # the MLP's SwiGLU as one autograd function (models.swiglu_mlp)
+        use_no_grad_output_layer(chunk)
+        _norms_in_params_dtype(chunk, config.params_dtype)
         chunk.real_vocab_size = model.vocab_size
         chunks.append(chunk)
     return chunks

@@ -9,7 +9,8 @@ differences, so the per-sequence shift that left padding introduces changes noth
 equal those of an unpadded forward. When no prompt of a batch is padded, no mask is passed at all
 (the prefill is then causal by the attention's mask type, a decode step attends to every cached
 key), which spares SDPA a mask per layer. A group is never split across batches of
-``max_batch_size``.
+``max_batch_size``. A bf16 model on a CPU multiplies by oneDNN-prepacked copies of its weights,
+made once per ``generate`` (``models.prepacked_linear``).
 
 TP: logits are gathered over the vocabulary shards (``runtime_gather_output``) and every TP
 rank draws from an identically seeded generator, so all ranks sample the same tokens. The
@@ -27,6 +28,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from ..models.prepacked_linear import prepacked_weights
 from .base import RolloutBatch, RolloutEngine, SamplingParams
 from .sampling import sample_tokens
 
@@ -68,10 +70,11 @@ class NativeEngine(RolloutEngine):
         prompts = [p for p in prompt_token_ids for _ in range(params.n)]
         groups_per_batch = max(1, self.max_batch_size // params.n)
         results: list[tuple[list[int], list[float], str]] = []
-        for first in range(0, len(prompt_token_ids), groups_per_batch):
-            chunk = prompt_token_ids[first: first + groups_per_batch]
-            generator = torch.Generator().manual_seed(params.seed + first * params.n)
-            results.extend(self._generate_chunk(chunk, params, generator))
+        with prepacked_weights(self.model, rows=min(len(prompts), groups_per_batch * params.n)):
+            for first in range(0, len(prompt_token_ids), groups_per_batch):
+                chunk = prompt_token_ids[first: first + groups_per_batch]
+                generator = torch.Generator().manual_seed(params.seed + first * params.n)
+                results.extend(self._generate_chunk(chunk, params, generator))
         seconds = time.perf_counter() - start
         new_tokens = sum(len(r[0]) for r in results)
         return RolloutBatch(
