@@ -140,10 +140,10 @@ def layer_spec(model: ModelConfig):
 def _norms_in_params_dtype(chunk: torch.nn.Module, dtype: torch.dtype) -> None:
     """Give the local spec's norm weights (``torch.nn.RMSNorm`` / ``LayerNorm``, which Megatron's
     ``WrappedTorchNorm`` builds in float32 whatever ``params_dtype`` says) the parameters' dtype,
-    as Megatron's ``Float16Module`` does for a bf16 model on GPUs (``module.bfloat16()``) and
-    Transformer Engine's norms are built. A bf16 activation with a float32 weight also misses
-    PyTorch's fused ``rms_norm`` kernel (an upcast, five elementwise ops and a downcast per norm);
-    the optimizer keeps float32 main copies of these weights like of every other bf16 one."""
+    as Megatron's ``Float16Module`` does for a bf16 model on GPUs (``module.bfloat16()``) and as
+    Transformer Engine builds its norms: a bf16 model on the CPU then holds the same rounded
+    weights as on a GPU. The optimizer keeps float32 main copies of them, as of every bf16 weight.
+    """
     for module in chunk.modules():
         if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
             module.to(dtype)

@@ -13,7 +13,8 @@ SmolLM2-135M, 30 layers + the tied output layer at B = 32, weights larger than t
 threads: 52 -> 40 ms per decode step's products; at 472 rows (a prefill) 1.63 -> 1.25 ms for one
 [960, 576] weight. Packing all weights takes ~0.2 ms per MB, once per ``generate``: the trainer
 changes them between rollouts, so the packed copies live only inside :func:`prepacked_weights`.
-With autograd on, on GPUs, in float32, or where PyTorch has no oneDNN, nothing is packed.
+Only the layers' no-grad forward uses the copies; on GPUs, in float32, or where PyTorch has no
+oneDNN, nothing is packed.
 """
 
 from __future__ import annotations
