@@ -108,6 +108,40 @@ def _resume_then_save(rank, world, root, on_bad):
     return {"step": state["step"], "loaded": loaded, "kept": [p.name for p in complete_checkpoints(Path(root))]}
 
 
+def _save_on_a_full_disk(rank, world, root):
+    """Save step 1, then step 2 with every write failing as on a full disk."""
+    from megatron.core import dist_checkpointing
+
+    from ebpo_megatron.trainer import checkpoint
+    from ebpo_megatron.trainer.checkpoint import CheckpointError, complete_checkpoints, save_checkpoint
+
+    trainer = _trainer(1)
+    _train(trainer, 1)
+    save_checkpoint(Path(root), 1, trainer, {"extra": 1}, keep_last=2)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    checkpoint.dist_checkpointing = type("FullDisk", (), {"save": staticmethod(no_space),
+                                                          "load": dist_checkpointing.load})
+    _train(trainer, 2)
+    try:
+        save_checkpoint(Path(root), 2, trainer, {"extra": 2}, keep_last=2)
+    except CheckpointError as err:
+        return {"error": str(err), "kept": [p.name for p in complete_checkpoints(Path(root))]}
+    return {"error": None}
+
+
+def test_a_failed_save_is_one_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    """A write that fails (here: no space left on the disk) stops with a CheckpointError naming
+    the directory, the step, the cause and the free space; the previous checkpoint stays complete."""
+    out = run_ranks(_save_on_a_full_disk, 1, str(tmp_path))[0]
+    assert out["error"] is not None and "\n" not in out["error"]
+    assert str(tmp_path / ".tmp_step_000002") in out["error"] and "checkpoint step 2" in out["error"]
+    assert "No space left on device" in out["error"] and "GiB free" in out["error"]
+    assert out["kept"] == ["step_000001"]
+
+
 def test_damaged_newest_checkpoint_falls_back_and_rotation_keeps_the_good_one(tmp_path, capfd):
     saved = run_ranks(_save_two, 1, 1, str(tmp_path))[0]
     damaged = tmp_path / "step_000002" / "__0_0.distcp"

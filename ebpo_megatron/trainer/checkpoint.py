@@ -13,8 +13,9 @@ Layout of ``<run_dir>/checkpoints/``:
     .trash_step_000004/     a checkpoint being removed (ignored, removed on the next save)
 
 A checkpoint is written into the temporary directory and renamed only when every rank has
-finished, so a crash or kill mid-write leaves the previous checkpoint as the latest complete one;
-a checkpoint is renamed away before it is deleted, so a kill mid-delete never leaves half of one.
+finished, so a crash or kill mid-write leaves the previous checkpoint as the latest complete one
+(a write that fails, e.g. on a full disk, is a :class:`CheckpointError` naming the directory, the
+cause and the disk's free space); a checkpoint is renamed away before it is deleted, so a kill mid-delete never leaves half of one.
 
 Resume (:func:`resume_checkpoint`) checks the newest complete checkpoint against its manifest
 first: a damaged one is named and skipped for the next older one (``run.on_bad_checkpoint:
@@ -50,7 +51,8 @@ _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the one-line message names the file or directory and what is wrong."""
+    """A checkpoint cannot be used or written; the one-line message names the file or directory and
+    what is wrong."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -150,11 +152,18 @@ def save_checkpoint(root: Path, step: int, trainer: PolicyTrainer, state: dict[s
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    if _rank() == 0:
-        torch.save({"step": step, "scheduler": trainer.scheduler.state_dict(), **state},
-                   tmp / "trainer_state.pt")
+    try:
+        dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(tmp))
+        torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        if _rank() == 0:
+            torch.save({"step": step, "scheduler": trainer.scheduler.state_dict(), **state},
+                       tmp / "trainer_state.pt")
+    except Exception as err:  # noqa: BLE001 - a full disk surfaces as several error types
+        free = shutil.disk_usage(root).free / 2**30
+        raise CheckpointError(
+            f"{tmp}: writing checkpoint step {step} failed ({_one_line(err)}); {free:.2f} GiB free on "
+            f"that disk. The last complete checkpoint in {root} is untouched (the partial one is "
+            "removed at the next save)") from err
     _barrier()
     write_manifest(tmp)
     if _rank() == 0:
