@@ -15,7 +15,8 @@ Layout of ``<run_dir>/checkpoints/``:
 A checkpoint is written into the temporary directory and renamed only when every rank has
 finished, so a crash or kill mid-write leaves the previous checkpoint as the latest complete one
 (a write that fails, e.g. on a full disk, is a :class:`CheckpointError` naming the directory, the
-cause and the disk's free space); a checkpoint is renamed away before it is deleted, so a kill mid-delete never leaves half of one.
+cause and the disk's free space); a checkpoint is renamed away before it is deleted, so a kill
+mid-delete never leaves half of one.
 
 Resume (:func:`resume_checkpoint`) checks the newest complete checkpoint against its manifest
 first: a damaged one is named and skipped for the next older one (``run.on_bad_checkpoint:
