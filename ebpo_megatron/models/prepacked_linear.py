@@ -54,13 +54,11 @@ def prepacked_weights(model: torch.nn.Module, rows: int) -> Iterator[int]:
     results), the tied output layer's from the embedding it shares; yields how many were packed
     and drops the copies on exit."""
     layers = [m for m in model.modules() if isinstance(m, PrepackableLinear)]
-    shared = model.shared_embedding_or_output_weight() if getattr(
-        model, "share_embeddings_and_output_weights", False) and getattr(model, "post_process", False) else None
     packed = 0
     try:
-        for layer in layers:
-            weight = shared if layer is getattr(model, "output_layer", None) and shared is not None else layer.weight
-            if weight is not None and can_prepack(weight):
+        for layer in layers:  # only a tied output layer has no weight of its own: the embedding's
+            weight = layer.weight if layer.weight is not None else model.shared_embedding_or_output_weight()
+            if can_prepack(weight):
                 layer.prepacked = (weight, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
                 packed += 1
         yield packed

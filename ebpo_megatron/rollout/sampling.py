@@ -10,6 +10,7 @@ trainer computes from its own logits at that temperature, so the two can be comp
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -84,7 +85,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     ids = block[:, None] * DRAW_BLOCK + torch.arange(DRAW_BLOCK, device=probs.device)
     in_vocab = ids < vocab
     inside = probs.gather(1, ids.clamp(max=vocab - 1)).double() * in_vocab
-    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    before = F.pad(block_cdf, (1, 0)).gather(1, block[:, None]).squeeze(-1)  # Σ_{i<j} S_i
     cdf = before[:, None] + inside.cumsum(dim=-1)
     position = torch.minimum(torch.searchsorted(cdf, x, right=True).squeeze(-1), _last_true(inside > 0))
     return block * DRAW_BLOCK + position
