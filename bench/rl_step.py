@@ -106,6 +106,7 @@ def main() -> None:
     from ebpo_megatron.models.weights import assign_full_weights, full_weights
     from ebpo_megatron.parallel import cpu_compat, initialize, launch_info, shutdown
     from ebpo_megatron.data.tasks import build_task
+    from ebpo_megatron.host_memory import apply_host_memory_reuse
 
     try:
         import vllm  # noqa: F401
@@ -114,6 +115,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="rl_step_"))
     config_file, shared = base_overrides(args, out)
     base = load_config(config_file, shared)
+    apply_host_memory_reuse(base.run.host_memory_reuse)  # as ebpo-train does
     initialize(base.parallel, base.model, launch_info())
     loops = {}
     try:

@@ -45,6 +45,10 @@ class RunConfig:
     wandb_project: str = "ebpo_megatron"
     tensorboard: bool = False
     torch_threads: int | None = None
+    # large freed host blocks stay in the process for the next step instead of going back to the
+    # kernel (no page faults on reuse; ebpo_megatron/host_memory.py): auto = where the trainer
+    # computes on the CPU; true / false force it
+    host_memory_reuse: bool | Literal["auto"] = "auto"
     # checkpoint choice: an evaluation metric (higher is better, e.g. "eval/maj@16"); the checkpoint
     # of its best evaluation is saved, never rotated out, and named in checkpoints/BEST
     best_metric: str | None = None

@@ -24,6 +24,7 @@ from ..data.sampler import CurriculumSampler
 from ..data.task import Task
 from ..data.tasks import build_task
 from ..evaluation.runner import evaluate_held_out
+from ..host_memory import apply_host_memory_reuse
 from ..models import build_policy
 from ..parallel import cpu_compat, initialize, launch_info, shutdown
 from ..parallel.sharding import contiguous_shares
@@ -92,6 +93,7 @@ def run(config: Config) -> dict[str, Any]:
     started = time.time()
     if config.run.torch_threads:
         torch.set_num_threads(config.run.torch_threads)
+    apply_host_memory_reuse(config.run.host_memory_reuse)
     initialize(config.parallel, config.model, launch_info())
     try:
         return _run(config, started)
