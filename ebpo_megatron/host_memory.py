@@ -42,23 +42,22 @@ def user_tuned_malloc(environ: dict[str, str] | None = None) -> bool:
             or "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""))
 
 
-def _glibc() -> ctypes.CDLL | None:
-    """The process's C library when it is glibc (has ``mallopt``), else None."""
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (the one with ``mallopt``), else None."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
         libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
-        return libc if hasattr(libc, "mallopt") else None
-    except (OSError, AttributeError):
+    except OSError:
         return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
 def keep_freed_memory() -> bool:
     """Serve large blocks from the heap and keep freed memory (module docstring); True when
     glibc accepted both settings."""
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

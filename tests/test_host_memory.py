@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ebpo_megatron.config.schema import ConfigError, load_config
-from ebpo_megatron.host_memory import _glibc, apply_host_memory_reuse, user_tuned_malloc
+from ebpo_megatron.host_memory import apply_host_memory_reuse, glibc, user_tuned_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ print(default[-1], accepted, max(reused[-3:]))
 """
 
 
-@pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's: nothing to test on another C library")
+@pytest.mark.skipif(glibc() is None, reason="mallopt is glibc's: nothing to test on another C library")
 def test_freed_blocks_are_reused_without_page_faults():
     """A step-like cycle of large blocks: by default every cycle faults all their pages in
     again; with reuse the heap settles after a few cycles and then faults nothing."""
