@@ -26,16 +26,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Mapping
 from typing import Literal
 
-import torch
+from .parallel.cpu_compat import cuda_absent
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters (glibc's malloc.h)
 M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 
-def user_tuned_malloc(environ: dict[str, str] | None = None) -> bool:
+def user_tuned_malloc(environ: Mapping[str, str] | None = None) -> bool:
     """Whether the environment already tunes glibc's mmap use or trimming."""
     environ = os.environ if environ is None else environ
     return ("MALLOC_MMAP_MAX_" in environ or "MALLOC_TRIM_THRESHOLD_" in environ
@@ -66,7 +67,7 @@ def keep_freed_memory() -> bool:
 def apply_host_memory_reuse(setting: bool | Literal["auto"]) -> bool:
     """``run.host_memory_reuse`` for this process: ``auto`` -> on without a CUDA device; never
     over the user's own malloc tuning. Returns whether reuse is on."""
-    wanted = not torch.cuda.is_available() if setting == "auto" else bool(setting)
+    wanted = cuda_absent() if setting == "auto" else bool(setting)
     if not wanted or user_tuned_malloc():
         return False
     return keep_freed_memory()
