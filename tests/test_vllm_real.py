@@ -16,6 +16,9 @@ in one process and in two gloo ranks (one engine each, different prompts), fp32:
 - tied embeddings: with the tied lm_head's re-processing switched off (the bug this engine had),
   the probe reports the stale lm_head as an error;
 - vLLM leaves the trainer's RNG streams, ``torch.set_num_threads`` and thread count alone.
+
+All of it also with vLLM's torch.compile graphs (``enforce_eager=False``, tied, one process):
+the compiled model must read the weights each sync writes, not copies it captured.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _peaked_(chunks, seed: int) -> None:
             param.copy_(1.0 + 0.3 * noise if "norm" in name or param.dim() == 1 else 0.2 * noise)
 
 
-def _scenario(rank: int, world: int, tied: bool, model_dir: str) -> dict:
+def _scenario(rank: int, world: int, tied: bool, model_dir: str, eager: bool = True) -> dict:
     import random
 
     import torch.distributed as dist
@@ -91,7 +94,7 @@ def _scenario(rank: int, world: int, tied: bool, model_dir: str) -> dict:
     expected_draws = (random.random(), float(torch.rand(1)))
     random.seed(3)
     torch.manual_seed(3)
-    engine = VLLMEngine(model_dir, enforce_eager=True, dtype="float32", seed=0,
+    engine = VLLMEngine(model_dir, enforce_eager=eager, dtype="float32", seed=0,
                         max_model_len=cfg.max_position_embeddings, sync_bucket_mb=0.02,
                         engine_kwargs={"skip_tokenizer_init": True})
 
@@ -199,6 +202,10 @@ def _check(results: list[dict], tied: bool) -> None:
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_real_vllm_one_process(tmp_path, tied):
     _check(run_ranks(_scenario, 1, tied, str(tmp_path)), tied)
+
+
+def test_real_vllm_compiled_one_process(tmp_path):
+    _check(run_ranks(_scenario, 1, True, str(tmp_path), False), True)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
