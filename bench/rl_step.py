@@ -2,7 +2,7 @@
 for the CPU recipes side by side in one process, taking turns over ``--rounds``:
 
     fp32 + native   model.precision fp32, pi_old = the rollout's log-probs, one row per response
-                    (no shared prompts): the issue's "today"
+                    (no shared prompts), on SmolLM2 micro-batches of 8 as then: the issue's "today"
     bf16 + native   model.precision bf16, pi_old recomputed, truncated IS on (tis_cap auto), the G
                     responses to a prompt in one row (share_prompts auto):
                     examples/smollm2_arith_cpu.yaml's recipe
@@ -12,7 +12,8 @@ for the CPU recipes side by side in one process, taking turns over ``--rounds``:
                     graphs (rollout.vllm.enforce_eager=false: about 80 s more start-up)
 
 plus Hugging Face fp32 ``generate`` of the same P x G x N tokens and an HF fp32 train step
-(bench/train_step.py's) on a batch of the same shape, the baselines of the issue's goals. Every
+(bench/train_step.py's) on a batch of the same shape (on SmolLM2 in micro-batches of 8, as the
+fp32 recipe), the baselines of the issue's goals. Every
 recipe starts from the same weights; responses never stop early (no stop tokens), so each
 rollout samples exactly P x G x N tokens. Default model: SmolLM2-135M-Instruct at
 runs/smollm2/hf (`make real` fetches it) on the chat arithmetic task; ``--tiny``, or without
@@ -43,6 +44,7 @@ from train_step import hf_step, make_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = ROOT / "runs/smollm2/hf"
+ISSUE_MICRO_BATCH = 8  # examples/smollm2_arith_cpu.yaml's micro_batch_size when the issue was filed
 RECIPES = {
     "fp32 + native": ["model.precision=fp32", "train.step.old_logp=rollout", "train.step.share_prompts=false"],
     "bf16 + native": ["model.precision=bf16", "train.step.old_logp=recompute"],
@@ -105,6 +107,8 @@ def main() -> None:
         RECIPES["bf16 + vLLM"] = RECIPES["bf16 + vLLM"] + ["rollout.vllm.enforce_eager=false"]
     if args.tiny:
         args.hf = None
+    if args.hf is not None:  # the baselines keep the example's micro-batches from when the issue was filed
+        RECIPES["fp32 + native"] = RECIPES["fp32 + native"] + [f"train.step.micro_batch_size={ISSUE_MICRO_BATCH}"]
     torch.set_num_threads(args.threads)
 
     from ebpo_megatron.config.schema import load_config
@@ -146,7 +150,8 @@ def main() -> None:
             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=args.n,
             pad_token_id=task.tokenizer.pad_id))
         train_batch = make_batch(base.model.vocab_size, args.prompts * args.n, prompt_len, args.new)
-        sides["HF train step fp32"] = hf_step(base.model, args.hf, train_batch, base.train.step.micro_batch_size)
+        baseline_micro_batch = base.train.step.micro_batch_size if args.hf is None else ISSUE_MICRO_BATCH
+        sides["HF train step fp32"] = hf_step(base.model, args.hf, train_batch, baseline_micro_batch)
         times = alternate(sides, args.rounds)
     finally:
         for loop in loops.values():  # vLLM before the process group it uses
