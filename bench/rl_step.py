@@ -150,8 +150,8 @@ def main() -> None:
             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=args.n,
             pad_token_id=task.tokenizer.pad_id))
         train_batch = make_batch(base.model.vocab_size, args.prompts * args.n, prompt_len, args.new)
-        baseline_micro_batch = base.train.step.micro_batch_size if args.hf is None else ISSUE_MICRO_BATCH
-        sides["HF train step fp32"] = hf_step(base.model, args.hf, train_batch, baseline_micro_batch)
+        fp32_recipe = load_config(config_file, shared + RECIPES["fp32 + native"])  # the HF step's micro-batches
+        sides["HF train step fp32"] = hf_step(base.model, args.hf, train_batch, fp32_recipe.train.step.micro_batch_size)
         times = alternate(sides, args.rounds)
     finally:
         for loop in loops.values():  # vLLM before the process group it uses
