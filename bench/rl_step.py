@@ -4,12 +4,12 @@ for the CPU recipes side by side in one process, taking turns over ``--rounds``:
     fp32 + native   model.precision fp32, pi_old = the rollout's log-probs, one row per response
                     (no shared prompts), on SmolLM2 micro-batches of 8 as then: the issue's "today"
     bf16 + native   model.precision bf16, pi_old recomputed, truncated IS on (tis_cap auto), the G
-                    responses to a prompt in one row (share_prompts auto):
-                    examples/smollm2_arith_cpu.yaml's recipe
+                    responses to a prompt in one row (share_prompts auto), rollout.engine native
     bf16 + vLLM     the same with rollout.engine vllm (only where vllm imports: .venv-vllm),
                     weights synced every step, without the sync probe (rollout.vllm.sync_check);
-                    vLLM eager as on CPU by default, or with ``--vllm-compile`` its torch.compile
-                    graphs (rollout.vllm.enforce_eager=false: about 80 s more start-up)
+                    with vLLM's torch.compile graphs (rollout.vllm.enforce_eager=false, about 80 s
+                    more start-up) by default, or eager with ``--vllm-eager``:
+                    examples/smollm2_arith_cpu.yaml's recipe
 
 plus Hugging Face fp32 ``generate`` of the same P x G x N tokens and an HF fp32 train step
 (bench/train_step.py's) on a batch of the same shape (on SmolLM2 in micro-batches of 8, as the
@@ -46,8 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = ROOT / "runs/smollm2/hf"
 ISSUE_MICRO_BATCH = 8  # examples/smollm2_arith_cpu.yaml's micro_batch_size when the issue was filed
 RECIPES = {
-    "fp32 + native": ["model.precision=fp32", "train.step.old_logp=rollout", "train.step.share_prompts=false"],
-    "bf16 + native": ["model.precision=bf16", "train.step.old_logp=recompute"],
+    "fp32 + native": ["model.precision=fp32", "train.step.old_logp=rollout", "train.step.share_prompts=false",
+                      "rollout.engine=native"],
+    "bf16 + native": ["model.precision=bf16", "train.step.old_logp=recompute", "rollout.engine=native"],
     "bf16 + vLLM": ["model.precision=bf16", "train.step.old_logp=recompute", "rollout.engine=vllm"],
 }
 
@@ -100,11 +101,10 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32, help="new tokens per response")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of one step per side (after one warm-up)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--vllm-compile", action="store_true",
-                        help="the vLLM recipe with torch.compile (rollout.vllm.enforce_eager=false)")
+    parser.add_argument("--vllm-eager", action="store_true",
+                        help="the vLLM recipe without torch.compile (rollout.vllm.enforce_eager=true)")
     args = parser.parse_args()
-    if args.vllm_compile:
-        RECIPES["bf16 + vLLM"] = RECIPES["bf16 + vLLM"] + ["rollout.vllm.enforce_eager=false"]
+    RECIPES["bf16 + vLLM"] = RECIPES["bf16 + vLLM"] + [f"rollout.vllm.enforce_eager={str(args.vllm_eager).lower()}"]
     if args.tiny:
         args.hf = None
     if args.hf is not None:  # the baselines keep the example's micro-batches from when the issue was filed
@@ -175,7 +175,7 @@ def report(args: argparse.Namespace, prompt_len: int, times: dict[str, list[floa
     tokens = args.prompts * args.n * args.new
     print(f"{model}: {args.prompts} prompts x G={args.n}, {args.new} new tokens ({tokens} sampled per step), "
           f"HF sides with {prompt_len}-token prompts, {args.threads} threads, {args.rounds} rounds "
-          f"(median; ratio: per round min-max); vLLM {'compiled' if args.vllm_compile else 'eager'}; "
+          f"(median; ratio: per round min-max); vLLM {'eager' if args.vllm_eager else 'compiled'}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'recipe':<16}{'step s':>9}{'rollout s':>11}{'train s':>9}   step time / fp32 + native")
     baseline = times["fp32 + native"]
