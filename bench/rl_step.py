@@ -45,12 +45,21 @@ from train_step import hf_step, make_batch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = ROOT / "runs/smollm2/hf"
 ISSUE_MICRO_BATCH = 8  # examples/smollm2_arith_cpu.yaml's micro_batch_size when the issue was filed
-RECIPES = {
-    "fp32 + native": ["model.precision=fp32", "train.step.old_logp=rollout", "train.step.share_prompts=false",
-                      "rollout.engine=native"],
-    "bf16 + native": ["model.precision=bf16", "train.step.old_logp=recompute", "rollout.engine=native"],
-    "bf16 + vLLM": ["model.precision=bf16", "train.step.old_logp=recompute", "rollout.engine=vllm"],
-}
+
+
+def recipes(args: argparse.Namespace, with_vllm: bool) -> dict[str, list[str]]:
+    """Each recipe's overrides of the example config (the module docstring's table); the vLLM
+    recipe only ``with_vllm``."""
+    fp32 = ["model.precision=fp32", "train.step.old_logp=rollout", "train.step.share_prompts=false",
+            "rollout.engine=native"]
+    if args.hf is not None:  # the baseline keeps the example's micro-batches from when the issue was filed
+        fp32.append(f"train.step.micro_batch_size={ISSUE_MICRO_BATCH}")
+    bf16 = ["model.precision=bf16", "train.step.old_logp=recompute"]
+    chosen = {"fp32 + native": fp32, "bf16 + native": bf16 + ["rollout.engine=native"]}
+    if with_vllm:
+        chosen["bf16 + vLLM"] = bf16 + ["rollout.engine=vllm",
+                                        f"rollout.vllm.enforce_eager={str(args.vllm_eager).lower()}"]
+    return chosen
 
 
 def base_overrides(args: argparse.Namespace, out: Path) -> tuple[Path, list[str]]:
@@ -67,7 +76,8 @@ def base_overrides(args: argparse.Namespace, out: Path) -> tuple[Path, list[str]
         "data.chat_arith.num_eval=8"]
 
 
-def recipe_loop(name: str, config_file: Path, shared: list[str], task, load_weights: Callable):
+def recipe_loop(name: str, overrides: list[str], config_file: Path, shared: list[str], task,
+                load_weights: Callable):
     """An RLLoop for one recipe (as trainer/run.py assembles it, no warm start or checkpoints)."""
     from ebpo_megatron.config.schema import load_config
     from ebpo_megatron.data.sampler import CurriculumSampler
@@ -76,7 +86,7 @@ def recipe_loop(name: str, config_file: Path, shared: list[str], task, load_weig
     from ebpo_megatron.trainer.policy_trainer import PolicyTrainer
     from ebpo_megatron.trainer.rl_loop import RLLoop
 
-    config = load_config(config_file, shared + RECIPES[name] + [f"run.name={name.replace(' ', '')}"])
+    config = load_config(config_file, shared + overrides + [f"run.name={name.replace(' ', '')}"])
     chunks = build_policy(config.model, config.parallel)
     load_weights(chunks)
     ref = None
@@ -104,11 +114,8 @@ def main() -> None:
     parser.add_argument("--vllm-eager", action="store_true",
                         help="the vLLM recipe without torch.compile (rollout.vllm.enforce_eager=true)")
     args = parser.parse_args()
-    RECIPES["bf16 + vLLM"] = RECIPES["bf16 + vLLM"] + [f"rollout.vllm.enforce_eager={str(args.vllm_eager).lower()}"]
     if args.tiny:
         args.hf = None
-    if args.hf is not None:  # the baselines keep the example's micro-batches from when the issue was filed
-        RECIPES["fp32 + native"] = RECIPES["fp32 + native"] + [f"train.step.micro_batch_size={ISSUE_MICRO_BATCH}"]
     torch.set_num_threads(args.threads)
 
     from ebpo_megatron.config.schema import load_config
@@ -120,8 +127,10 @@ def main() -> None:
 
     try:
         import vllm  # noqa: F401
+        with_vllm = True
     except ImportError:
-        del RECIPES["bf16 + vLLM"]
+        with_vllm = False
+    chosen = recipes(args, with_vllm)
     out = Path(tempfile.mkdtemp(prefix="rl_step_"))
     config_file, shared = base_overrides(args, out)
     base = load_config(config_file, shared)
@@ -139,7 +148,8 @@ def main() -> None:
             else:
                 assign_full_weights(chunks, initial.__getitem__)
 
-        loops = {name: recipe_loop(name, config_file, shared, task, load_weights) for name in RECIPES}
+        loops = {name: recipe_loop(name, overrides, config_file, shared, task, load_weights)
+                 for name, overrides in chosen.items()}
         metrics: dict[str, list[dict[str, float]]] = {name: [] for name in loops}
         sides = {name: (lambda name=name: metrics[name].append(loops[name].run_step())) for name in loops}
         hf = hf_model(base.model, args.hf).eval()
@@ -150,8 +160,8 @@ def main() -> None:
             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=args.n,
             pad_token_id=task.tokenizer.pad_id))
         train_batch = make_batch(base.model.vocab_size, args.prompts * args.n, prompt_len, args.new)
-        fp32_recipe = load_config(config_file, shared + RECIPES["fp32 + native"])  # the HF step's micro-batches
-        sides["HF train step fp32"] = hf_step(base.model, args.hf, train_batch, fp32_recipe.train.step.micro_batch_size)
+        fp32_step = loops["fp32 + native"].config.train.step  # the HF step runs the fp32 recipe's micro-batches
+        sides["HF train step fp32"] = hf_step(base.model, args.hf, train_batch, fp32_step.micro_batch_size)
         times = alternate(sides, args.rounds)
     finally:
         for loop in loops.values():  # vLLM before the process group it uses
